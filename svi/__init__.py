@@ -1,0 +1,19 @@
+"""svi: distributed, data-scalable Automatic Differentiation Variational Inference on PyTorch."""
+
+from svi import constraints
+from svi import transforms as _transforms  # registers svi's bijections into torch's registry
+from svi.api import fit
+from svi.model import Model, ModelError, Param
+from svi.options import STAN_ADVI, FitOptions, OptionsError
+from svi.posterior import Posterior
+from svi import models
+
+__version__ = "0.1.0"
+
+__all__ = ["Model", "Param", "ModelError", "constraints", "fit", "FitOptions", "OptionsError", "Posterior",
+           "STAN_ADVI", "load_posterior", "__version__"]
+
+
+def load_posterior(uri, model=None) -> Posterior:
+    """Load a saved posterior from a folder."""
+    return Posterior.load(uri, model=model)

@@ -1,0 +1,162 @@
+"""The user's contract: a model is a set of constrained parameters, a log prior
+and a per-row log-likelihood, both vectorised over S particles.
+
+Example:
+    >>> class Logistic(svi.Model):
+    ...     batch_keys = ("x", "y")
+    ...     def __init__(self, n_features):
+    ...         self.params = {"w": svi.Param((n_features,)), "b": svi.Param(())}
+    ...     def log_prior(self, p):            # p["w"]: (S, D) -> (S,)
+    ...         return Normal(0, 1).log_prob(p["w"]).sum(-1) + Normal(0, 5).log_prob(p["b"])
+    ...     def log_likelihood(self, p, batch):  # -> (S, B)
+    ...         logits = batch["x"] @ p["w"].T + p["b"]
+    ...         return Bernoulli(logits=logits.T).log_prob(batch["y"])
+
+The engine, never the model, scales the likelihood by N/B (DESIGN.md), so the
+same ``log_likelihood`` serves the subsampled ELBO, PSIS diagnostics and
+prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch.distributions import constraints as _torch_constraints
+from torch.distributions.constraints import Constraint
+
+__all__ = ["Param", "Model", "ModelError", "check_model_outputs"]
+
+
+class ModelError(ValueError):
+    """A model broke its contract (shapes, keys, parameters)."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One model parameter.
+
+    Args:
+        shape: shape of one draw of the parameter in constrained space; ``()`` for a scalar.
+        constraint: a ``torch.distributions.constraints`` object (or one from ``svi.constraints``).
+        init: optional initial value in constrained space (a number or array of ``shape``).
+            Without it the engine starts from the unconstrained zero (Stan's ``init=0``).
+    """
+
+    shape: tuple[int, ...] = ()
+    constraint: Constraint = _torch_constraints.real
+    init: Any = None
+
+    def __post_init__(self):
+        shape = (self.shape,) if isinstance(self.shape, int) else tuple(self.shape)
+        if any((not isinstance(d, int)) or d < 1 for d in shape):
+            raise ModelError(f"Param shape must be a tuple of positive ints, got {self.shape!r}")
+        object.__setattr__(self, "shape", shape)
+        if not isinstance(self.constraint, Constraint):
+            raise ModelError(
+                f"Param constraint must be a torch.distributions constraint object, got {self.constraint!r}"
+            )
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class Model:
+    """Base class of every model.
+
+    Subclasses set ``self.params`` (a dict of name -> :class:`Param`) in ``__init__``
+    and implement :meth:`log_prior` and :meth:`log_likelihood`. ``batch_keys``
+    names the data keys ``log_likelihood`` reads; ``None`` means "whatever the
+    data provides". The constructor arguments are recorded automatically (no
+    ``super().__init__()`` needed) so a saved posterior can rebuild the model.
+    """
+
+    params: dict[str, Param]
+    batch_keys: tuple[str, ...] | None = None
+    #: batch keys holding integer data (group ids, counts kept as integers)
+    integer_keys: tuple[str, ...] = ()
+
+    def __new__(cls, *args, **kwargs):
+        obj = super().__new__(cls)
+        obj._init_args = (args, dict(kwargs))
+        return obj
+
+    # --- the contract -----------------------------------------------------------------
+    def log_prior(self, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Log prior density of constrained draws ``p[name]: (S, *shape)``; returns ``(S,)``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement log_prior(p)")
+
+    def log_likelihood(self, p: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Log-likelihood of each row of ``batch``, unscaled; returns ``(S, B)``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement log_likelihood(p, batch)")
+
+    # --- helpers the engine uses --------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def spec(self) -> dict:
+        """JSON-able description: class path, constructor args, parameter shapes and constraints."""
+        args, kwargs = getattr(self, "_init_args", ((), {}))
+        return {
+            "class": f"{type(self).__module__}:{type(self).__qualname__}",
+            "args": [_jsonable(a) for a in args],
+            "kwargs": {k: _jsonable(v) for k, v in kwargs.items()},
+            "params": {
+                n: {"shape": list(p.shape), "constraint": repr(p.constraint)} for n, p in self.get_params().items()
+            },
+            "batch_keys": list(self.batch_keys) if self.batch_keys is not None else None,
+        }
+
+    def get_params(self) -> dict[str, Param]:
+        params = getattr(self, "params", None)
+        if not isinstance(params, Mapping) or not params:
+            raise ModelError(f"{self.name}: set self.params to a non-empty dict of name -> svi.Param in __init__")
+        for n, p in params.items():
+            if not isinstance(p, Param):
+                raise ModelError(f"{self.name}: params[{n!r}] must be an svi.Param, got {type(p).__name__}")
+        return dict(params)
+
+
+def _jsonable(v):
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return repr(v)
+
+
+def check_model_outputs(model: Model, draws: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> None:
+    """Call the model once on ``S`` draws and ``B`` rows and check every shape.
+
+    Raises:
+        ModelError: naming the model, the method, and expected versus actual shape.
+    """
+    S = next(iter(draws.values())).shape[0]
+    B = next(iter(batch.values())).shape[0] if batch else 0
+    lp = model.log_prior(draws)
+    if not isinstance(lp, torch.Tensor) or tuple(lp.shape) != (S,):
+        raise ModelError(
+            f"{model.name}.log_prior returned shape {_shape(lp)}; expected ({S},): one value per particle. "
+            "Sum over each parameter's own dimensions, e.g. .sum(-1) for a vector."
+        )
+    ll = model.log_likelihood(draws, batch)
+    if not isinstance(ll, torch.Tensor) or tuple(ll.shape) != (S, B):
+        raise ModelError(
+            f"{model.name}.log_likelihood returned shape {_shape(ll)}; expected ({S}, {B}) = "
+            "(particles, rows): one unscaled log-density per particle and row."
+        )
+    for what, t in (("log_prior", lp), ("log_likelihood", ll)):
+        if not torch.is_floating_point(t):
+            raise ModelError(f"{model.name}.{what} returned dtype {t.dtype}; expected a floating-point tensor")
+
+
+def _shape(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else f"a {type(x).__name__}, not a tensor"

@@ -1,0 +1,434 @@
+"""The training loop.
+
+``train`` is one readable loop over ``step(ctx, state, batch) -> (state, info)``;
+set-up (warm start, eta search) and the convergence rules live in their own
+functions. All mutable state sits in :class:`TrainState`, whose parts each
+round-trip through ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from svi.convergence import Decision, IterateAverager, PosteriorConvergence, StanConvergence
+from svi.elbo import DataAnchor, ElboEstimate, batch_size, elbo
+from svi.families import Family, make_family
+from svi.model import Model
+from svi.optim import StanStepSize, make_optimizer, make_scheduler, search_eta
+from svi.options import FitOptions
+from svi.tracking import NullTracker, Tracker
+from svi.transforms import ParamSpace
+from svi.warmstart import laplace_warm_start
+
+__all__ = ["FitContext", "TrainState", "StepInfo", "TrainResult", "NonFiniteError", "init_state", "step", "train",
+           "evaluate_elbo"]
+
+log = logging.getLogger("svi")
+
+
+class NonFiniteError(FloatingPointError):
+    """The ELBO or its gradient stayed non-finite after every restore."""
+
+
+@dataclass
+class FitContext:
+    """What does not change during a fit."""
+
+    model: Model
+    space: ParamSpace
+    options: FitOptions
+    num_rows: int
+    dtype: torch.dtype
+    device: torch.device
+    eval_batch: Mapping[str, torch.Tensor]
+    warm_batch: Mapping[str, torch.Tensor] | None = None
+    rank: int = 0
+    world_size: int = 1
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during a fit."""
+
+    family: Family
+    trainable: torch.nn.Module  # the family, or the family wrapped in DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: torch.Generator
+    rule: PosteriorConvergence | StanConvergence
+    averager: IterateAverager | None
+    step: int = 0
+    stl: bool = False
+    nonfinite_total: int = 0
+    nonfinite_run: int = 0
+    restores: int = 0
+    window_nonfinite: int = 0
+    last_good: dict | None = None
+    warm_start: str = ""
+    eta: float | None = None
+    anchor: DataAnchor | None = None  # full-data statistics for the data control variate
+    history: list = field(default_factory=list)  # (step, ELBO) at each evaluation
+    window_elbos: list = field(default_factory=list)  # this window's per-step ELBO estimates
+    window_cv: list = field(default_factory=list)  # this window's (raw ELBO, cv_quadratic, cv_data)
+    cv_weights: tuple = (1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    elbo: ElboEstimate  # detached
+    grad_norm: torch.Tensor
+    ok: bool
+    rows: int
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    family: Family
+    steps: int
+    converged: bool
+    reason: str
+    history: list
+    warm_start: str
+    eta: float | None
+    nonfinite_steps: int
+    seconds: float
+
+
+# --- set-up -------------------------------------------------------------------------------
+def build_family(ctx: FitContext) -> tuple[Family, str, bool]:
+    """The family at its starting point: the warm start's Gaussian, or Param.init / ``init`` with ``init_scale``.
+
+    Returns:
+        (family, a note for the log, whether the warm start set the frame).
+    """
+    o = ctx.options
+    start = ctx.space.initial_point(torch.float64, default=o.init)
+    family = make_family(o.family, ctx.space.size, loc=start, scale=o.init_scale, dtype=ctx.dtype, rank=o.rank)
+    note, warm = "no warm start", False
+    if o.warm_start == "laplace" and ctx.warm_batch is not None:
+        ws = laplace_warm_start(
+            ctx.model, ctx.space, ctx.warm_batch, ctx.num_rows, start,
+            frame=family.frame_kind, num_draws=o.warm_start_draws, seed=o.seed,
+        )
+        if ws is None:
+            note = "warm start found no usable Gaussian (curvature not positive definite); started from init"
+            warnings.warn(note, RuntimeWarning, stacklevel=3)
+        else:
+            family.set_frame(ws.loc, ws.scale, ws.precision if o.control_variate else None, ws.gradient)
+            note, warm = "warm start: " + ws.note, True
+    return family.to(ctx.device), note, warm
+
+
+def optimizer_name(options: FitOptions, warm_started: bool) -> str:
+    """``auto``: SGD where the warm start gave a frame in which the posterior is near N(0, I),
+    so that lr is a fraction of a posterior sd and its relaxation time (about 1/lr steps) is
+    known; Adam, whose per-coordinate scaling copes with unknown scales, otherwise."""
+    if options.optimizer != "auto":
+        return options.optimizer
+    return "adam"
+
+
+def init_state(ctx: FitContext, family: Family, warm_note: str = "", eta: float | None = None,
+               trainable: torch.nn.Module | None = None, warm_started: bool = False,
+               anchor: DataAnchor | None = None) -> TrainState:
+    o = ctx.options
+    lr = eta if eta is not None else o.lr
+    optimizer = make_optimizer(optimizer_name(o, warm_started), family.parameters(), lr=lr, **o.optimizer_options)
+    scheduler = make_scheduler(optimizer, o.lr_schedule)
+    generator = torch.Generator(device=ctx.device).manual_seed(_noise_seed(o.seed, ctx.rank))
+    if o.convergence == "posterior":
+        rule = PosteriorConvergence(o.tol_param, o.max_decays)
+    else:
+        rule = StanConvergence(o.tol_rel_obj, o.eval_elbo, o.max_steps)
+    averager = IterateAverager(list(family.parameters())) if o.averaging and o.convergence == "posterior" else None
+    return TrainState(
+        family=family, trainable=trainable if trainable is not None else family, optimizer=optimizer,
+        scheduler=scheduler, generator=generator, rule=rule, averager=averager, stl=o.stl is True,
+        warm_start=warm_note, eta=eta, anchor=anchor,
+    )
+
+
+def _noise_seed(seed: int, rank: int) -> int:
+    # Ranks draw independent noise: averaging W independent draws lowers the variance of
+    # the averaged gradient, which shared draws would not.
+    return (seed * 7919 + rank * 104729 + 1) % (2**63 - 1)
+
+
+@torch.no_grad()
+def evaluate_elbo(ctx: FitContext, family: Family, num_draws: int, generator: torch.Generator,
+                  chunk: int = 50) -> float:
+    """The ELBO with ``num_draws`` draws on the fixed evaluation batch (Stan's ``calc_ELBO``)."""
+    n_eval = batch_size(ctx.eval_batch)
+    total, done = 0.0, 0
+    while done < num_draws:
+        s = min(chunk, num_draws - done)
+        est = elbo(ctx.model, ctx.space, family, ctx.eval_batch, ctx.num_rows, num_particles=s, generator=generator)
+        total += float(est.value - est.entropy) * s
+        done += s
+    return total / num_draws + float(family.entropy())
+
+
+def search_stan_eta(ctx: FitContext, family: Family, stream: Iterator) -> float:
+    """Stan's eta adaptation: ``adapt_iter`` steps per candidate from the same start."""
+    o = ctx.options
+    start = copy.deepcopy(family.state_dict())
+    gen = torch.Generator(device=ctx.device).manual_seed(_noise_seed(o.seed + 1, ctx.rank))
+    elbo_init = evaluate_elbo(ctx, family, o.elbo_samples, gen)
+
+    def trial(eta: float) -> float:
+        family.load_state_dict(start)
+        opt = StanStepSize(family.parameters(), lr=eta)
+        for _ in range(o.adapt_iter):
+            est = elbo(ctx.model, ctx.space, family, next(stream), ctx.num_rows, o.num_particles, gen)
+            opt.zero_grad(set_to_none=True)
+            (-est.value).backward()
+            if not _finite(est.value, family):
+                return -math.inf
+            opt.step()
+        return evaluate_elbo(ctx, family, o.elbo_samples, gen)
+
+    result = search_eta(trial, elbo_init)
+    family.load_state_dict(start)
+    log.info("eta search: %s -> eta = %g", result.tried, result.eta)
+    return result.eta
+
+
+def _finite(value: torch.Tensor, family: Family) -> bool:
+    grads = [p.grad for p in family.parameters() if p.grad is not None]
+    return bool(torch.isfinite(value + torch.stack(torch._foreach_norm(grads)).sum()))
+
+
+# --- one step ---------------------------------------------------------------------------------
+def step(ctx: FitContext, state: TrainState, batch: Mapping[str, torch.Tensor]) -> tuple[TrainState, StepInfo]:
+    """One stochastic-gradient step on the negative ELBO; a non-finite step changes nothing."""
+    o = ctx.options
+    est = elbo(ctx.model, ctx.space, state.trainable, batch, ctx.num_rows, o.num_particles, state.generator,
+               stl=state.stl, antithetic=o.antithetic, control_variate=o.control_variate, anchor=state.anchor,
+               cv_weights=state.cv_weights)
+    state.optimizer.zero_grad(set_to_none=True)
+    (-est.value).backward()
+    grads = [p.grad for p in state.family.parameters() if p.grad is not None]
+    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    ok = bool(torch.isfinite(est.value.detach() + grad_norm))  # the step's one host sync: the guard needs it
+    if ok:
+        state.optimizer.step()
+        if state.scheduler is not None:
+            state.scheduler.step()
+    state.step += 1
+    return state, StepInfo(est.detach(), grad_norm.detach(), ok, batch_size(batch))
+
+
+# --- the loop ---------------------------------------------------------------------------------
+def control_variate_weights(samples: torch.Tensor) -> tuple[float, float]:
+    """Weights of the two control variates that minimise the variance of the ELBO estimate,
+    from one window of (raw estimate, cv_quadratic, cv_data): c = -Cov(h)^-1 Cov(h, f), each
+    clipped to [0, 1]. A zero-mean term keeps the estimator unbiased for any weight, and for a
+    Gaussian posterior the weight is exactly 1; where the warm start's expansion fits poorly the
+    weight falls and the control variate cannot add variance."""
+    f, h = samples[:, 0], samples[:, 1:]
+    weights = [0.0, 0.0]
+    live = [j for j in range(2) if float(h[:, j].var()) > 0]
+    if len(samples) < 8 or not live:
+        return (1.0, 1.0)
+    hc = h[:, live] - h[:, live].mean(0)
+    fc = f - f.mean()
+    sol = torch.linalg.lstsq(hc, -fc.unsqueeze(-1)).solution.squeeze(-1)
+    for j, c in zip(live, sol.tolist()):
+        weights[j] = min(max(c, 0.0), 1.0) if math.isfinite(c) else 0.0
+    return (weights[0], weights[1])
+
+
+def window_length(options: FitOptions, state: TrainState) -> int:
+    """Steps in the current window: ``eval_elbo`` under Stan's rule; under the posterior rule
+    ``window`` grown by 1/lr_decay per decay, so each window spans as many relaxation
+    times (about 1/lr steps) as the first."""
+    if isinstance(state.rule, StanConvergence):
+        return options.eval_elbo
+    return int(round(options.window * (1.0 / options.lr_decay) ** state.rule.decays))
+
+
+def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker | None = None) -> TrainResult:
+    """Run steps until the convergence rule says stop or ``max_steps`` is reached."""
+    o = ctx.options
+    tracker = tracker or NullTracker()
+    started = time.perf_counter()
+    if state.last_good is None:
+        state.last_good = _snapshot(state)
+    progress = _progress_bar(o, ctx.rank, state.step)
+    decision = Decision()
+    rows = 0
+    t_log = time.perf_counter()
+    window_end = state.step + window_length(o, state) - len(state.window_elbos)
+    while state.step < o.max_steps:
+        state, info = step(ctx, state, next(stream))
+        rows += info.rows
+        state.window_elbos.append(info.elbo.value if info.ok else torch.tensor(math.nan))
+        if info.ok:
+            e = info.elbo
+            state.window_cv.append(torch.stack([e.raw, e.cv_quadratic, e.cv_data]))
+        if not info.ok:
+            _handle_nonfinite(ctx, state)
+        elif state.averager is not None:
+            state.averager.add()
+        state.nonfinite_run = 0 if info.ok else state.nonfinite_run
+        if state.step % o.log_every == 0 or state.step == o.max_steps:
+            now = time.perf_counter()
+            metrics = _metrics(state, info, rows / max(now - t_log, 1e-9))
+            tracker.log_metrics(metrics, state.step)
+            if progress is not None:
+                progress.set_postfix(elbo=f"{metrics['elbo']:.6g}", rows_per_s=f"{metrics['rows_per_s']:.3g}")
+            rows, t_log = 0, now
+        if progress is not None:
+            progress.update(1)
+        if state.step >= window_end:
+            values = torch.stack(state.window_elbos).double().tolist()
+            state.window_elbos = []
+            if state.window_cv:
+                state.cv_weights = control_variate_weights(torch.stack(state.window_cv).double())
+                state.window_cv = []
+            decision = _end_of_window(ctx, state, values)
+            window_end = state.step + window_length(o, state)
+            if decision.converged:
+                break
+    if progress is not None:
+        progress.close()
+    converged = decision.converged
+    reason = decision.reason if converged else f"reached max_steps={o.max_steps} before the convergence rule was met"
+    if not converged:
+        warnings.warn(f"svi: {reason}; the result may not be the optimum (raise max_steps)", RuntimeWarning, stacklevel=2)
+        if state.averager is not None and state.averager.phase_count:
+            _load_params(state.family, state.averager.phase_average())
+    return TrainResult(state.family, state.step, converged, reason, state.history, state.warm_start, state.eta,
+                       state.nonfinite_total, time.perf_counter() - started)
+
+
+def _end_of_window(ctx: FitContext, state: TrainState, window_elbos: list[float]) -> Decision:
+    o = ctx.options
+    if state.window_nonfinite == 0:
+        state.last_good = _snapshot(state)
+    state.window_nonfinite = 0
+    if isinstance(state.rule, StanConvergence):
+        value = evaluate_elbo(ctx, state.family, o.elbo_samples, state.generator)
+        state.history.append((state.step, value))
+        decision = state.rule.update(value)
+        if decision.diverging:
+            warnings.warn("svi: the relative ELBO change is large: the fit may be diverging; inspect the ELBO",
+                          RuntimeWarning, stacklevel=3)
+        return decision
+    finite = [e for e in window_elbos if math.isfinite(e)]
+    state.history.append((state.step, sum(finite) / len(finite) if finite else math.nan))
+    rule: PosteriorConvergence = state.rule
+    keep = rule.windows_in_phase >= 1  # the first window of a phase is burn-in
+    stalled = rule.window_stalled(window_elbos)
+    if state.averager is not None:
+        state.averager.close_window(keep)
+    if not stalled:
+        return Decision()
+    if state.averager is not None and state.averager.phase_count:
+        _load_params(state.family, state.averager.phase_average())  # continue from the average
+    decision = rule.phase_end(state.family.mean, state.family.stddev)
+    if decision.decay:
+        for group in state.optimizer.param_groups:
+            group["lr"] *= o.lr_decay
+        if o.stl == "auto" and not (o.control_variate and state.family.has_quadratic):
+            # Near the optimum STL lowers the variance; with the quadratic control variate the
+            # analytic entropy is already exact and STL would add the score term's noise back.
+            state.stl = True
+        if state.averager is not None:
+            state.averager.new_phase()
+    return decision
+
+
+def _handle_nonfinite(ctx: FitContext, state: TrainState) -> None:
+    o = ctx.options
+    state.nonfinite_total += 1
+    state.nonfinite_run += 1
+    state.window_nonfinite += 1
+    if state.nonfinite_run < o.nonfinite_patience:
+        return  # skip the step; the next one draws new noise and a new batch
+    blocks = _nonfinite_blocks(ctx, state)
+    if state.restores >= o.max_nonfinite_restores:
+        raise NonFiniteError(
+            f"the ELBO or its gradient stayed non-finite for {state.nonfinite_run} steps after "
+            f"{state.restores} restores (each halving the step size); non-finite in: {blocks}. "
+            "Check the priors and the constraints of these parameters, the data, or lower lr."
+        )
+    _restore(state, state.last_good)
+    for group in state.optimizer.param_groups:
+        group["lr"] *= 0.5
+    state.restores += 1
+    state.nonfinite_run = 0
+    warnings.warn(f"svi: {o.nonfinite_patience} non-finite steps in a row (in {blocks}); restored the last good "
+                  "state and halved the step size", RuntimeWarning, stacklevel=3)
+
+
+@torch.no_grad()
+def _nonfinite_blocks(ctx: FitContext, state: TrainState) -> str:
+    """Name the parameter blocks whose draws, gradients or densities went non-finite."""
+    names = set()
+    coord_block = []
+    for b in ctx.space.blocks:
+        coord_block += [b.name] * b.size
+    for p in state.family.parameters():
+        if p.grad is None:
+            continue
+        bad = ~torch.isfinite(p.grad)
+        if p.dim() >= 1 and p.shape[0] == ctx.space.size:
+            rows = bad.reshape(p.shape[0], -1).any(-1) | ~torch.isfinite(p).reshape(p.shape[0], -1).any(-1)
+            names.update(coord_block[i] for i in torch.nonzero(rows).flatten().tolist())
+    z = state.family.rsample(8, state.generator)
+    theta, log_det = ctx.space.constrain(z)
+    names.update(n for n, t in theta.items() if not bool(torch.isfinite(t).all()))
+    if not names:
+        lp = ctx.model.log_prior(theta)
+        if not bool(torch.isfinite(lp).all()):
+            names.add("log_prior")
+        if not bool(torch.isfinite(log_det).all()):
+            names.add("log|det J|")
+    return ", ".join(sorted(names)) or "the log-likelihood"
+
+
+def _snapshot(state: TrainState) -> dict:
+    return {"family": copy.deepcopy(state.family.state_dict()), "optimizer": copy.deepcopy(state.optimizer.state_dict())}
+
+
+def _restore(state: TrainState, snap: dict) -> None:
+    lrs = [g["lr"] for g in state.optimizer.param_groups]
+    state.family.load_state_dict(snap["family"])
+    state.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
+    for g, lr in zip(state.optimizer.param_groups, lrs):
+        g["lr"] = lr
+
+
+@torch.no_grad()
+def _load_params(family: Family, values: list[torch.Tensor]) -> None:
+    for p, v in zip(family.parameters(), values):
+        p.copy_(v)
+
+
+def _metrics(state: TrainState, info: StepInfo, rows_per_s: float) -> dict[str, float]:
+    e = info.elbo
+    return {
+        "elbo": float(e.value), "log_prior": float(e.log_prior), "log_likelihood": float(e.log_likelihood),
+        "log_det": float(e.log_det), "entropy": float(e.entropy), "grad_norm": float(info.grad_norm),
+        "lr": float(state.optimizer.param_groups[0]["lr"]), "rows_per_s": rows_per_s,
+        "nonfinite_steps": float(state.nonfinite_total),
+    }
+
+
+def _progress_bar(o: FitOptions, rank: int, initial: int):
+    show = o.progress if o.progress != "auto" else sys.stderr.isatty()
+    if rank != 0 or not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=o.max_steps, initial=initial, desc="svi", unit="step", dynamic_ncols=True)
