@@ -82,7 +82,7 @@ def fit(
     info = {
         "steps": result.steps, "converged": result.converged, "reason": result.reason,
         "warm_start": result.warm_start, "eta": result.eta, "nonfinite_steps": result.nonfinite_steps,
-        "seconds": result.seconds, "num_rows": num_rows, "batch_size": batch,
+        "seconds": result.seconds, "num_rows": num_rows, "batch_size": batch, "dropped_rows": source.dropped_rows,
         "options": dataclasses.asdict(opts), "history": result.history,
     }
     return Posterior(model, space, result.family, info)

@@ -40,7 +40,7 @@ def to_batch_tensors(
     out: dict[str, torch.Tensor] = {}
     length = None
     for key, value in arrays.items():
-        t = value if isinstance(value, torch.Tensor) else torch.as_tensor(_numeric(np.asarray(value), key, where))
+        t = value if isinstance(value, torch.Tensor) else torch.from_numpy(_numeric(np.asarray(value), key, where))
         if t.dim() == 0 or t.dim() > 2:
             raise DataError(f"key {key!r} in {where}: expected a 1-D or 2-D array of rows, got shape {tuple(t.shape)}")
         if t.dtype == torch.bool:
@@ -85,7 +85,8 @@ def _numeric(a: np.ndarray, key: str, where: str) -> np.ndarray:
             f"key {key!r} in {where} has non-numeric dtype {a.dtype}; convert it to numbers "
             "(e.g. one-hot or integer codes) before fitting"
         )
-    return a
+    # torch refuses read-only buffers (pandas often hands them out): copy those only
+    return np.require(a, requirements=["W"])
 
 
 def epoch_bounds(num_rows: int, world_size: int, batch_size: int) -> list[tuple[int, int]]:
