@@ -34,7 +34,7 @@ from svi.families import Family
 from svi.model import Model
 from svi.transforms import ParamSpace
 
-__all__ = ["ElboEstimate", "DataAnchor", "elbo", "log_joint", "batch_size", "anchor_statistics"]
+__all__ = ["ElboEstimate", "ElboLoss", "DataAnchor", "elbo", "log_joint", "batch_size", "anchor_statistics"]
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,8 @@ def elbo(
         num_rows: N, the number of rows in the full data set.
         num_particles: S, draws of z used in one vectorised pass.
         generator: source of the standard-normal noise.
-        eps: the noise itself (S, noise_size), overriding ``num_particles``/``generator``.
+        eps: the noise itself (S, noise_size), overriding ``num_particles``/``generator``
+            (``antithetic`` still pairs it with -eps).
         stl: use the sticking-the-landing gradient.
         antithetic: pair every draw eps with -eps (2S particles). For a Gaussian posterior the
             gradient of the mean is linear in eps, so the pairs cancel its noise exactly.
@@ -162,8 +163,8 @@ def elbo(
     base = getattr(family, "module", family)  # unwrap DistributedDataParallel
     if eps is None:
         eps = base.draw_noise(num_particles, generator)
-        if antithetic:
-            eps = torch.cat([eps, -eps])
+    if antithetic:
+        eps = torch.cat([eps, -eps])
     use_cv = control_variate and base.has_quadratic
     z, u = family(eps, return_frame=True) if use_cv else (family(eps), None)
     scale = num_rows / batch_size(batch)
@@ -203,3 +204,22 @@ def _anchored_log_joint(model, space, z, batch, scale, anchor: DataAnchor):
     batch_at_anchor = rows[S].sum() * scale
     full_at_anchor = anchor.value.to(z.dtype) + (z - z_hat).mean(0) @ anchor.grad.to(z.dtype)
     return lp, ll, log_det[:S], full_at_anchor - batch_at_anchor
+
+
+class ElboLoss(torch.nn.Module):
+    """The ELBO estimator as a module over the family's parameters (Pyro's design: the loss is
+    a plain ``nn.Module``), so ``torch.func.functional_call`` can differentiate it functionally.
+
+    Args:
+        model, space, family, num_rows: as for :func:`elbo`.
+    """
+
+    def __init__(self, model: Model, space: ParamSpace, family: Family, num_rows: int):
+        super().__init__()
+        self.model, self.space, self.num_rows = model, space, num_rows
+        self.family = family
+
+    def forward(self, batch, eps, stl=False, antithetic=False, control_variate=False, anchor=None,
+                cv_weights=(1.0, 1.0)) -> ElboEstimate:
+        return elbo(self.model, self.space, self.family, batch, self.num_rows, eps=eps, stl=stl, antithetic=antithetic,
+                    control_variate=control_variate, anchor=anchor, cv_weights=cv_weights)

@@ -57,22 +57,94 @@ class StanStepSize(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, tau, alpha = group["lr"], group["tau"], group["alpha"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float64)
-                    state["sq_grad"] = g * g
-                else:
-                    state["sq_grad"].mul_(1 - alpha).addcmul_(g, g, value=alpha)
-                state["step"] += 1
-                k = float(state["step"])
-                rate = lr * k ** -0.5
-                p.addcdiv_(g, state["sq_grad"].sqrt().add_(tau), value=-rate)
+            params = [p for p in group["params"] if p.grad is not None]
+            state = optimizer_state(self, "stan", params)
+            new_params, new_state = stan_update(params, [p.grad for p in params], state, group)
+            for p, v in zip(params, new_params):
+                p.copy_(v)
+            for key, values in new_state.items():
+                for t, v in zip(state[key], values):
+                    t.copy_(v)
         return loss
+
+
+# --- functional updates: one source for the optimiser classes and the fused step -------------
+def optimizer_state(optimizer: Optimizer, kind: str, params: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """The optimiser's per-parameter state tensors as lists, created as torch creates them when
+    missing, so a functional update can read and write them in place."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for p in params:
+        st = optimizer.state[p]
+        if not st:
+            if kind == "stan":
+                st["step"] = torch.zeros((), dtype=torch.float64)
+                st["sq_grad"] = torch.zeros_like(p)
+            elif kind == "adam":
+                st["step"] = torch.tensor(0.0, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif kind == "sgd":
+                st.setdefault("momentum_buffer", None)
+                continue
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                out.setdefault(key, []).append(value)
+    return out
+
+
+def stan_update(params, grads, state, group):
+    """Stan's step: s = g^2 on the first step, else alpha g^2 + (1 - alpha) s; p -= eta k^-1/2 g / (tau + sqrt(s))."""
+    lr, tau, alpha = group["lr"], group["tau"], group["alpha"]
+    new_p, new_step, new_sq = [], [], []
+    for p, g, k, s in zip(params, grads, state["step"], state["sq_grad"]):
+        k1 = k + 1
+        s1 = torch.where(k == 0, g * g, (1 - alpha) * s + alpha * (g * g))
+        rate = lr * k1.to(torch.float64).rsqrt()
+        new_p.append(p - (rate * g / (s1.sqrt() + tau)).to(p.dtype))
+        new_step.append(k1)
+        new_sq.append(s1)
+    return new_p, {"step": new_step, "sq_grad": new_sq}
+
+
+def adam_update(params, grads, state, group):
+    """torch.optim.Adam's step (no weight decay, amsgrad or maximize), written out-of-place."""
+    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    new_p, new_step, new_m, new_v = [], [], [], []
+    for p, g, k, m, v in zip(params, grads, state["step"], state["exp_avg"], state["exp_avg_sq"]):
+        k1 = k + 1
+        m1 = m.lerp(g, 1 - beta1)
+        v1 = v * beta2 + (1 - beta2) * (g * g)
+        k64 = k1.to(torch.float64)
+        bias1 = 1 - beta1**k64
+        bias2_sqrt = (1 - beta2**k64).sqrt()
+        denom = v1.sqrt() / bias2_sqrt.to(p.dtype) + eps
+        new_p.append(p - (lr / bias1).to(p.dtype) * m1 / denom)
+        new_step.append(k1)
+        new_m.append(m1)
+        new_v.append(v1)
+    return new_p, {"step": new_step, "exp_avg": new_m, "exp_avg_sq": new_v}
+
+
+def sgd_update(params, grads, state, group):
+    """Plain SGD (no momentum, dampening, weight decay or nesterov)."""
+    return [p - group["lr"] * g for p, g in zip(params, grads)], {}
+
+
+FUNCTIONAL_UPDATES = {"stan": stan_update, "adam": adam_update, "sgd": sgd_update}
+
+
+def functional_kind(optimizer: Optimizer) -> str | None:
+    """The functional update that reproduces this optimiser exactly, or None."""
+    if isinstance(optimizer, StanStepSize):
+        return "stan"
+    for group in optimizer.param_groups:
+        if group.get("weight_decay", 0) or group.get("maximize", False):
+            return None
+    if type(optimizer) is torch.optim.Adam and not any(g["amsgrad"] for g in optimizer.param_groups):
+        return "adam"
+    if type(optimizer) is torch.optim.SGD and not any(g["momentum"] or g["nesterov"] for g in optimizer.param_groups):
+        return "sgd"
+    return None
 
 
 class EtaSearchError(RuntimeError):

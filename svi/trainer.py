@@ -20,10 +20,11 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from svi.convergence import Decision, IterateAverager, PosteriorConvergence, StanConvergence
-from svi.elbo import DataAnchor, ElboEstimate, batch_size, elbo
+from svi.elbo import DataAnchor, ElboEstimate, ElboLoss, batch_size, elbo
 from svi.families import Family, make_family
+from svi.fused import FusedStep
 from svi.model import Model
-from svi.optim import StanStepSize, make_optimizer, make_scheduler, search_eta
+from svi.optim import StanStepSize, functional_kind, make_optimizer, make_scheduler, search_eta
 from svi.options import FitOptions
 from svi.tracking import NullTracker, Tracker
 from svi.transforms import ParamSpace
@@ -80,6 +81,7 @@ class TrainState:
     window_elbos: list = field(default_factory=list)  # this window's per-step ELBO estimates
     window_cv: list = field(default_factory=list)  # this window's (raw ELBO, cv_quadratic, cv_data)
     cv_weights: tuple = (1.0, 1.0)
+    fused: FusedStep | None = None  # the compiled single-process step, when options.compile
 
 
 @dataclass(frozen=True)
@@ -150,10 +152,17 @@ def init_state(ctx: FitContext, family: Family, warm_note: str = "", eta: float 
     else:
         rule = StanConvergence(o.tol_rel_obj, o.eval_elbo, o.max_steps)
     averager = IterateAverager(list(family.parameters())) if o.averaging and o.convergence == "posterior" else None
+    fused = None
+    if o.compile:
+        if trainable is not None or functional_kind(optimizer) is None:
+            warnings.warn("svi: compile=true needs one process and an optimiser with a functional form (adam, sgd, "
+                          "stan without extras); running the uncompiled step", RuntimeWarning, stacklevel=2)
+        else:
+            fused = FusedStep(ElboLoss(ctx.model, ctx.space, family, ctx.num_rows), optimizer, compile=True)
     return TrainState(
         family=family, trainable=trainable if trainable is not None else family, optimizer=optimizer,
         scheduler=scheduler, generator=generator, rule=rule, averager=averager, stl=o.stl is True,
-        warm_start=warm_note, eta=eta, anchor=anchor,
+        warm_start=warm_note, eta=eta, anchor=anchor, fused=fused,
     )
 
 
@@ -209,22 +218,35 @@ def _finite(value: torch.Tensor, family: Family) -> bool:
 
 # --- one step ---------------------------------------------------------------------------------
 def step(ctx: FitContext, state: TrainState, batch: Mapping[str, torch.Tensor]) -> tuple[TrainState, StepInfo]:
-    """One stochastic-gradient step on the negative ELBO; a non-finite step changes nothing."""
+    """One stochastic-gradient step on the negative ELBO; a non-finite step changes nothing.
+    Applied steps are added to the iterate average."""
     o = ctx.options
-    est = elbo(ctx.model, ctx.space, state.trainable, batch, ctx.num_rows, o.num_particles, state.generator,
-               stl=state.stl, antithetic=o.antithetic, control_variate=o.control_variate, anchor=state.anchor,
-               cv_weights=state.cv_weights)
-    state.optimizer.zero_grad(set_to_none=True)
-    (-est.value).backward()
-    grads = [p.grad for p in state.family.parameters() if p.grad is not None]
-    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    ok = bool(torch.isfinite(est.value.detach() + grad_norm))  # the step's one host sync: the guard needs it
-    if ok:
-        state.optimizer.step()
-        if state.scheduler is not None:
-            state.scheduler.step()
+    if state.fused is not None:
+        eps = state.family.draw_noise(o.num_particles, state.generator)
+        sums = state.averager.window_sum if state.averager is not None else []
+        weights = torch.tensor(state.cv_weights, dtype=eps.dtype)
+        est, grad_norm, ok = state.fused(batch, eps, weights, sums, state.anchor, state.stl,
+                                         o.antithetic, o.control_variate)
+        if ok and state.averager is not None:
+            state.averager.window_count += 1
+    else:
+        est = elbo(ctx.model, ctx.space, state.trainable, batch, ctx.num_rows, o.num_particles, state.generator,
+                   stl=state.stl, antithetic=o.antithetic, control_variate=o.control_variate, anchor=state.anchor,
+                   cv_weights=state.cv_weights)
+        state.optimizer.zero_grad(set_to_none=True)
+        (-est.value).backward()
+        grads = [p.grad for p in state.family.parameters() if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        ok = bool(torch.isfinite(est.value.detach() + grad_norm))  # the step's one host sync: the guard needs it
+        if ok:
+            state.optimizer.step()
+            if state.averager is not None:
+                state.averager.add()
+        est = est.detach()
+    if ok and state.scheduler is not None:
+        state.scheduler.step()
     state.step += 1
-    return state, StepInfo(est.detach(), grad_norm.detach(), ok, batch_size(batch))
+    return state, StepInfo(est, grad_norm.detach(), ok, batch_size(batch))
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -277,8 +299,6 @@ def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker
             state.window_cv.append(torch.stack([e.raw, e.cv_quadratic, e.cv_data]))
         if not info.ok:
             _handle_nonfinite(ctx, state)
-        elif state.averager is not None:
-            state.averager.add()
         state.nonfinite_run = 0 if info.ok else state.nonfinite_run
         if state.step % o.log_every == 0 or state.step == o.max_steps:
             now = time.perf_counter()

@@ -178,8 +178,9 @@ def test_model_shape_and_key_errors_name_the_model_and_the_shapes():
 
 def test_bad_data_and_options_are_clear_errors():
     model = LinearRegression(2)
-    x = np.random.default_rng(0).normal(size=(20, 2))
-    y = x.sum(1)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 2))
+    y = x.sum(1) + rng.normal(size=20)
     y_nan = y.copy()
     y_nan[[3, 7, 11]] = np.nan
     with pytest.raises(DataError, match=r"key 'y' in the in-memory data has 3 NaN or infinite values.*nan_policy='drop'"):

@@ -80,7 +80,7 @@ class LogisticRegression(_Regression):
 
     def log_likelihood(self, p, batch):
         logits = self.linear_predictor(p, batch["x"])
-        return -F.binary_cross_entropy_with_logits(logits, batch["y"].expand_as(logits), reduction="none")
+        return batch["y"] * logits - F.softplus(logits, threshold=40.0)  # Bernoulli(logits): y eta - log(1 + e^eta)
 
     def sample_obs(self, p, batch, generator=None):
         probs = torch.sigmoid(self.linear_predictor(p, batch["x"]))

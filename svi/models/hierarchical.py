@@ -119,7 +119,7 @@ class HierarchicalLogisticRegression(_Hierarchical):
 
     def log_likelihood(self, p, batch):
         logits = self.linear_predictor(p, batch)
-        return -F.binary_cross_entropy_with_logits(logits, batch["y"].expand_as(logits), reduction="none")
+        return batch["y"] * logits - F.softplus(logits, threshold=40.0)
 
     def sample_obs(self, p, batch, generator=None):
         return torch.bernoulli(torch.sigmoid(self.linear_predictor(p, batch)), generator=generator)
