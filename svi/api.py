@@ -8,7 +8,8 @@ from typing import Any, Mapping
 
 import torch
 
-from svi.data.memory import InMemoryData
+from svi.data.parquet import ParquetSource
+from svi.data.source import open_source
 from svi.elbo import anchor_statistics
 from svi.model import Model, ModelError, check_model_outputs
 from svi.options import FitOptions
@@ -59,10 +60,17 @@ def fit(
     dtype = getattr(torch, opts.dtype)
     device = resolve_device(opts.device)
     space = ParamSpace(model.get_params(), model.name)
-    source = InMemoryData(data, columns, keys=model.batch_keys, integer_keys=model.integer_keys, dtype=dtype,
-                          nan_policy=opts.nan_policy)
+    source = open_source(data, columns, model.batch_keys, model.integer_keys, dtype, opts)
+    try:
+        return _fit(model, space, source, opts, dtype, device, tracker)
+    finally:
+        if hasattr(source, "close"):
+            source.close()
+
+
+def _fit(model, space, source, opts, dtype, device, tracker) -> Posterior:
     num_rows = source.num_rows
-    check_model(model, space, {k: v[: min(3, num_rows)] for k, v in source.tensors.items()}, dtype)
+    check_model(model, space, {k: v[: min(3, num_rows)] for k, v in source.sample(3, opts.seed).items()}, dtype)
     batch = min(opts.batch_size or default_batch_size(num_rows), num_rows)
     ctx = FitContext(
         model=model, space=space, options=opts, num_rows=num_rows, dtype=dtype, device=device,
@@ -73,12 +81,12 @@ def fit(
     log.info("%s", note)
     eta = None
     if opts.lr == "auto":
-        eta = search_stan_eta(ctx, fam, source.stream(batch, opts.seed + 17, device=device))
+        eta = search_stan_eta(ctx, fam, _stream(source, batch, opts.seed + 17, device, opts))
     anchor = None
     if warm and opts.control_variate and batch < num_rows:
         anchor = anchor_statistics(model, space, fam.frame_loc, source.chunks())
     state = init_state(ctx, fam, note, eta, warm_started=warm, anchor=anchor)
-    result = train(ctx, state, source.stream(batch, opts.seed, device=device), tracker)
+    result = train(ctx, state, _stream(source, batch, opts.seed, device, opts), tracker)
     info = {
         "steps": result.steps, "converged": result.converged, "reason": result.reason,
         "warm_start": result.warm_start, "eta": result.eta, "nonfinite_steps": result.nonfinite_steps,
@@ -100,6 +108,12 @@ def check_model(model: Model, space: ParamSpace, rows: Mapping[str, torch.Tensor
             f"{model.name}.log_likelihood read batch key {e.args[0]!r}, which the data does not provide; "
             f"the data has keys {sorted(rows)}. Declare batch_keys on the model and map the key to columns."
         ) from None
+
+
+def _stream(source, batch_size, seed, device, opts):
+    if isinstance(source, ParquetSource):
+        return source.stream(batch_size, seed, device=device, shuffle_units=opts.shuffle_units, prefetch=opts.prefetch)
+    return source.stream(batch_size, seed, device=device)
 
 
 def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

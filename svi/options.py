@@ -62,6 +62,14 @@ class FitOptions:
         dtype: ``float32`` or ``float64`` for the optimisation (the warm start is always float64).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         nan_policy: ``error`` or ``drop`` rows with NaN in used columns.
+        row_filter: Parquet rows to keep, in pyarrow's form: ``[["age", ">", 18], ...]`` (all must hold).
+        scheduler: a Dask ``distributed`` scheduler address for the reads; ``None``: local threads.
+        storage_options: fsspec options for remote Parquet (credentials, endpoints).
+        cache_dir: where row counts after a filter and data statistics are cached (~/.cache/svi).
+        in_memory_rows: a Parquet data set with at most this many rows is read into memory whole;
+            larger ones are streamed.
+        shuffle_units: row groups whose rows the shuffle buffer mixes.
+        prefetch: row groups read ahead while the optimiser runs.
         nonfinite_patience: consecutive non-finite steps before restoring the last good state.
         max_nonfinite_restores: restores (each halving the step size) before giving up.
         log_every: steps between tracked metrics.
@@ -101,6 +109,13 @@ class FitOptions:
     dtype: str = "float32"
     device: str = "cpu"
     nan_policy: str = "error"
+    row_filter: Optional[list] = None
+    scheduler: Optional[str] = None
+    storage_options: Optional[dict] = None
+    cache_dir: Optional[str] = None
+    in_memory_rows: int = 1_000_000
+    shuffle_units: int = 4
+    prefetch: int = 4
     nonfinite_patience: int = 20
     max_nonfinite_restores: int = 5
     log_every: int = 100
@@ -145,7 +160,7 @@ def _check(o: FitOptions) -> None:
 
     if o.family not in FAMILIES:
         bad("family", o.family, f"one of {', '.join(FAMILIES)}")
-    for key in ("rank", "max_steps", "num_particles", "window", "eval_elbo", "elbo_samples", "eval_rows",
+    for key in ("shuffle_units", "prefetch", "rank", "max_steps", "num_particles", "window", "eval_elbo", "elbo_samples", "eval_rows",
                 "adapt_iter", "warm_start_rows", "warm_start_draws", "nonfinite_patience", "log_every"):
         positive_int(key)
     if o.batch_size is not None:
@@ -182,6 +197,11 @@ def _check(o: FitOptions) -> None:
         bad("nan_policy", o.nan_policy, "'error' or 'drop'")
     if isinstance(o.max_nonfinite_restores, bool) or not isinstance(o.max_nonfinite_restores, int) or o.max_nonfinite_restores < 0:
         bad("max_nonfinite_restores", o.max_nonfinite_restores, "a non-negative integer")
+    if isinstance(o.in_memory_rows, bool) or not isinstance(o.in_memory_rows, int) or o.in_memory_rows < 0:
+        bad("in_memory_rows", o.in_memory_rows, "a non-negative integer")
+    if o.row_filter is not None and not (isinstance(o.row_filter, (list, tuple)) and all(
+            isinstance(f, (list, tuple)) and len(f) == 3 for f in o.row_filter)):
+        bad("row_filter", o.row_filter, "a list of [column, op, value] triples")
     if o.progress not in (True, False, "auto"):
         bad("progress", o.progress, "true, false or 'auto'")
     if not isinstance(o.optimizer_options, dict):

@@ -1,0 +1,182 @@
+"""Data jobs: synthetic data sets with known truth, CSV to Parquet, full-data statistics.
+
+The runnable scripts in ``pipelines/`` and ``svi data make | convert | stats`` call these.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from svi.data.columns import DataError
+
+__all__ = ["write_synthetic", "csv_to_parquet", "data_stats", "merge_moments"]
+
+
+def _write_file(args) -> int:
+    spec_dict, truth, path, rows, row_group_size, seed = args
+    from svi.synthetic import SyntheticSpec, make_rows
+
+    spec = SyntheticSpec(**spec_dict)
+    rng = np.random.default_rng(seed)
+    tmp = path + ".tmp"
+    writer = None
+    try:
+        for start in range(0, rows, row_group_size):
+            n = min(row_group_size, rows - start)
+            cols = make_rows(spec, {k: np.asarray(v) for k, v in truth.items()}, n, rng)
+            table = pa.table(cols)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema, compression="none")
+            writer.write_table(table, row_group_size=row_group_size)
+    finally:
+        if writer is not None:
+            writer.close()
+    os.replace(tmp, path)  # a half-written file never looks like part of the data set
+    return rows
+
+
+def write_synthetic(out: str | os.PathLike, model: str = "logistic", rows: int = 1_000_000, features: int = 10,
+                    files: int = 8, row_group_size: int = 65_536, seed: int = 0, groups: int = 20,
+                    components: int = 3, varying_slopes: bool = False, centered: bool = False,
+                    workers: int | None = None) -> dict[str, Any]:
+    """Write a partitioned Parquet data set drawn from a built-in model with known parameters.
+
+    Files ``part-00000.parquet`` ... and ``truth.json`` (the parameters, the spec, the columns
+    mapping) go into folder ``out``. Files are written in parallel processes.
+
+    Returns:
+        The contents of ``truth.json``.
+    """
+    from svi.synthetic import SyntheticSpec, batch_columns, make_truth
+
+    if rows < files:
+        raise DataError(f"rows={rows} cannot fill files={files}: each file needs at least one row")
+    spec = SyntheticSpec(model, features, groups, components, varying_slopes, centered)
+    truth = {k: np.asarray(v).tolist() for k, v in make_truth(spec, seed).items()}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    per_file = [rows // files + (1 if i < rows % files else 0) for i in range(files)]
+    jobs = [(spec.__dict__, truth, str(out / f"part-{i:05d}.parquet"), n, row_group_size, [seed, i])
+            for i, n in enumerate(per_file)]
+    workers = workers or min(files, os.cpu_count() or 1)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_file, jobs))
+    else:
+        for job in jobs:
+            _write_file(job)
+    meta = {"spec": spec.__dict__, "truth": truth, "columns": batch_columns(spec), "rows": rows, "files": files,
+            "row_group_size": row_group_size, "seed": seed}
+    (out / "truth.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def csv_to_parquet(src: str | Sequence[str], out: str | os.PathLike, blocksize: str = "64MB",
+                   row_group_size: int = 65_536, scheduler: str | None = None, **read_csv_kwargs) -> int:
+    """Convert CSV files to a Parquet folder with Dask (one part per CSV block).
+
+    Returns:
+        The number of rows written.
+    """
+    import dask.dataframe as dd
+
+    try:
+        df = dd.read_csv(src, blocksize=blocksize, **read_csv_kwargs)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read CSV {src!r}: {e}") from None
+    client = None
+    if scheduler:
+        from distributed import Client
+
+        client = Client(scheduler, set_as_default=False)
+    try:
+        kwargs = dict(write_index=False, row_group_size=row_group_size)
+        if client is not None:
+            df.to_parquet(os.fspath(out), compute_kwargs={"scheduler": client}, **kwargs)
+        else:
+            df.to_parquet(os.fspath(out), **kwargs)
+    finally:
+        if client is not None:
+            client.close()
+    return _count_rows(out)
+
+
+def _count_rows(folder) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in sorted(Path(folder).glob("*.parquet")))
+
+
+# --- full-data statistics ---------------------------------------------------------------------
+def _unit_moments(source, unit) -> dict:
+    """Per column: count, mean, M2 (sum of squared deviations), min, max; per integer key: value counts."""
+    arrays = source.read(unit)
+    out: dict[str, Any] = {}
+    for key, (cols, _) in source.resolved.items():
+        a = arrays[key].reshape(len(arrays[key]), -1)
+        for j, c in enumerate(cols):
+            v = a[:, j].astype(np.float64)
+            finite = np.isfinite(v)
+            x = v[finite]
+            n = int(x.size)
+            mean = float(x.mean()) if n else 0.0
+            out[c] = {"n": n, "mean": mean, "m2": float(((x - mean) ** 2).sum()) if n else 0.0,
+                      "min": float(x.min()) if n else math.inf, "max": float(x.max()) if n else -math.inf,
+                      "nan": int((~finite).sum())}
+        if key in source.integer_keys:
+            ids, counts = np.unique(arrays[key], return_counts=True)
+            out[f"__groups__{key}"] = {str(int(i)): int(k) for i, k in zip(ids, counts)}
+    return out
+
+
+def merge_moments(a: Mapping, b: Mapping) -> dict:
+    """Combine two partial moment summaries (Chan, Golub, LeVeque, "Algorithms for computing
+    the sample variance", The American Statistician 1983)."""
+    n = a["n"] + b["n"]
+    if n == 0:
+        return dict(a, nan=a["nan"] + b["nan"])
+    delta = b["mean"] - a["mean"]
+    return {"n": n, "mean": a["mean"] + delta * b["n"] / n, "m2": a["m2"] + b["m2"] + delta**2 * a["n"] * b["n"] / n,
+            "min": min(a["min"], b["min"]), "max": max(a["max"], b["max"]), "nan": a["nan"] + b["nan"]}
+
+
+def data_stats(source, use_cache: bool = True) -> dict[str, Any]:
+    """Full-data statistics of every mapped column in one pass with Dask, cached beside the data
+    fingerprint: per column n, mean, sd, min, max, null/NaN count; per integer key, counts per id.
+
+    Args:
+        source: a :class:`svi.data.parquet.ParquetSource`.
+    """
+    import dask
+
+    cache = source.cache_dir / f"stats-{source.fingerprint()}.json"
+    if use_cache and cache.is_file():
+        return json.loads(cache.read_text())
+    parts = source._compute([dask.delayed(_unit_moments)(source, u) for u in source.units])
+    columns: dict[str, dict] = {}
+    groups: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for name, value in part.items():
+            if name.startswith("__groups__"):
+                g = groups.setdefault(name[len("__groups__"):], {})
+                for k, v in value.items():
+                    g[k] = g.get(k, 0) + v
+            else:
+                columns[name] = merge_moments(columns[name], value) if name in columns else dict(value)
+    for c in columns.values():
+        c["sd"] = math.sqrt(c["m2"] / (c["n"] - 1)) if c["n"] > 1 else 0.0
+        del c["m2"]
+    stats = {"fingerprint": source.fingerprint(), "num_rows": source.num_rows, "columns": columns,
+             "groups": {k: dict(sorted(v.items(), key=lambda kv: int(kv[0]))) for k, v in groups.items()}}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stats))
+    os.replace(tmp, cache)
+    return stats
