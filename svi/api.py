@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import torch
 
 from svi.data.parquet import ParquetSource
-from svi.data.source import open_source
+from svi.data.source import open_source, raise_if_unknown, standardize
 from svi.elbo import anchor_statistics
 from svi.model import Model, ModelError, check_model_outputs
 from svi.options import FitOptions
@@ -62,6 +62,11 @@ def fit(
     space = ParamSpace(model.get_params(), model.name)
     source = open_source(data, columns, model.batch_keys, model.integer_keys, dtype, opts)
     try:
+        if opts.standardize:
+            raise_if_unknown(opts.standardize, model.batch_keys, model.integer_keys)
+            stats = standardize(source, opts.standardize, dtype)
+            if hasattr(model, "use_data_stats"):
+                model.use_data_stats(stats)
         return _fit(model, space, source, opts, dtype, device, tracker)
     finally:
         if hasattr(source, "close"):

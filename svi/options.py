@@ -66,6 +66,8 @@ class FitOptions:
         scheduler: a Dask ``distributed`` scheduler address for the reads; ``None``: local threads.
         storage_options: fsspec options for remote Parquet (credentials, endpoints).
         cache_dir: where row counts after a filter and data statistics are cached (~/.cache/svi).
+        standardize: batch keys to centre and scale by full-data column means and sds (the fitted
+            coefficients are then on the standardised scale).
         in_memory_rows: a Parquet data set with at most this many rows is read into memory whole;
             larger ones are streamed.
         shuffle_units: row groups whose rows the shuffle buffer mixes.
@@ -114,6 +116,7 @@ class FitOptions:
     storage_options: Optional[dict] = None
     cache_dir: Optional[str] = None
     in_memory_rows: int = 1_000_000
+    standardize: list = field(default_factory=list)
     shuffle_units: int = 4
     prefetch: int = 4
     nonfinite_patience: int = 20

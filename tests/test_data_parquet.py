@@ -223,3 +223,19 @@ def test_streaming_fit_recovers_the_truth_and_matches_the_in_memory_fit(tmp_path
     z = (streamed.family.mean.double().numpy() - truth) / streamed.family.stddev.double().numpy()
     assert np.abs(z).max() < 3, z
     assert streamed.info["num_rows"] == 120_000
+
+
+def test_standardize_uses_full_data_statistics(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(50.0, 10.0, size=(4000, 2))
+    y = (rng.random(4000) < 1 / (1 + np.exp(-(x[:, 0] - 50) / 10))).astype(float)
+    _write(tmp_path / "a.parquet", {"x0": x[:, 0], "x1": x[:, 1], "y": y}, [1000] * 4)
+    model = svi.models.LogisticRegression(2)
+    streamed = svi.fit(model, str(tmp_path / "a.parquet"), columns={"x": "x*", "y": "y"}, standardize=["x"],
+                       in_memory_rows=0, batch_size=500, cache_dir=str(tmp_path / "c"))
+    xs = (x - x.mean(0)) / x.std(0, ddof=1)
+    memory = svi.fit(model, {"x": xs, "y": y}, batch_size=500)
+    diff = (streamed.family.mean.double() - memory.family.mean.double()).abs() / memory.family.stddev.double()
+    assert diff.max() < 0.1, diff
+    with pytest.raises(DataError, match="standardize names key 'z'"):
+        svi.fit(model, str(tmp_path / "a.parquet"), columns={"x": "x*", "y": "y"}, standardize=["z"])

@@ -260,8 +260,11 @@ class ParquetSource:
         return self.submit(unit).result()
 
     def to_tensors(self, arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(v) if k in self.integer_keys else torch.from_numpy(v).to(self.dtype)
-                for k, v in arrays.items()}
+        out = {k: torch.from_numpy(v) if k in self.integer_keys else torch.from_numpy(v).to(self.dtype)
+               for k, v in arrays.items()}
+        for key, (shift, scale) in getattr(self, "standardizers", {}).items():
+            out[key] = (out[key] - shift) / scale
+        return out
 
     def sample(self, n: int, seed: int) -> dict[str, torch.Tensor]:
         """About n rows drawn uniformly: whole random row groups until n rows, then a uniform subset."""
