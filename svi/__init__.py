@@ -5,7 +5,7 @@ from svi import transforms as _transforms  # registers svi's bijections into tor
 from svi.api import fit
 from svi.model import Model, ModelError, Param
 from svi.options import STAN_ADVI, FitOptions, OptionsError
-from svi.posterior import Posterior
+from svi.posterior import Posterior, load_posterior
 from svi import models
 
 __version__ = "0.1.0"
@@ -13,7 +13,3 @@ __version__ = "0.1.0"
 __all__ = ["Model", "Param", "ModelError", "constraints", "fit", "FitOptions", "OptionsError", "Posterior",
            "STAN_ADVI", "load_posterior", "__version__"]
 
-
-def load_posterior(uri, model=None) -> Posterior:
-    """Load a saved posterior from a folder."""
-    return Posterior.load(uri, model=model)

@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 
 from svi.families import FAMILIES
 
-__all__ = ["FitOptions", "OptionsError", "STAN_ADVI"]
+__all__ = ["FitOptions", "OptionsError", "STAN_ADVI", "SAFE_TO_CHANGE"]
 
 
 class OptionsError(ValueError):
@@ -76,7 +76,17 @@ class FitOptions:
         max_nonfinite_restores: restores (each halving the step size) before giving up.
         log_every: steps between tracked metrics.
         compile: compile the step with ``torch.compile`` (single process).
-        progress: show a progress bar (``auto``: when stdout is a terminal).
+        progress: show a progress bar (``auto``: when stdout is a terminal; plain log lines otherwise).
+        checkpoint_dir: folder for checkpoints (none are written when ``None``).
+        checkpoint_every: steps between checkpoints (one is always written at the end).
+        keep_checkpoints: how many checkpoints to keep.
+        resume: ``True`` (a checkpoint must exist), ``"auto"`` (resume when one exists) or ``False``.
+        force_resume: accept a checkpoint whose options differ, only in keys safe to change.
+        tracking: log the fit to MLflow.
+        tracking_uri: MLflow store; ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db`` when ``None``.
+        experiment, run_name: MLflow experiment and run names.
+        system_metrics: also log MLflow system metrics (CPU, memory, GPU).
+        register_model: register the fitted posterior in the MLflow model registry under this name.
     """
 
     family: str = "meanfield"
@@ -124,6 +134,17 @@ class FitOptions:
     log_every: int = 100
     compile: bool = False
     progress: Union[bool, str] = "auto"
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    resume: Union[bool, str] = False
+    force_resume: bool = False
+    tracking: bool = False
+    tracking_uri: Optional[str] = None
+    experiment: str = "svi"
+    run_name: Optional[str] = None
+    system_metrics: bool = False
+    register_model: Optional[str] = None
 
     def __post_init__(self):
         _check(self)
@@ -142,6 +163,13 @@ class FitOptions:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+#: options that may differ between a checkpoint and the run resuming it (with force_resume): they
+#: change how long the fit runs or what it reports, not the trajectory it follows.
+SAFE_TO_CHANGE = frozenset({"max_steps", "log_every", "progress", "checkpoint_dir", "checkpoint_every",
+                            "keep_checkpoints", "resume", "force_resume", "tracking", "tracking_uri", "experiment",
+                            "run_name", "system_metrics", "register_model", "compile", "prefetch", "scheduler",
+                            "storage_options", "cache_dir"})
 
 STAN_ADVI = dict(warm_start="none", optimizer="stan", lr="auto", convergence="stan", stl=False, averaging=False,
                  antithetic=False, control_variate=False, init_scale=1.0)
@@ -185,7 +213,7 @@ def _check(o: FitOptions) -> None:
         bad("lr_decay", o.lr_decay, "a number in (0, 1]")
     if isinstance(o.max_decays, bool) or not isinstance(o.max_decays, int) or o.max_decays < 0:
         bad("max_decays", o.max_decays, "a non-negative integer")
-    for key in ("antithetic", "control_variate", "averaging", "compile"):
+    for key in ("antithetic", "control_variate", "averaging", "compile", "force_resume", "tracking", "system_metrics"):
         if getattr(o, key) not in (True, False):
             bad(key, getattr(o, key), "true or false")
     if o.stl not in (True, False, "auto"):
@@ -205,6 +233,12 @@ def _check(o: FitOptions) -> None:
     if o.row_filter is not None and not (isinstance(o.row_filter, (list, tuple)) and all(
             isinstance(f, (list, tuple)) and len(f) == 3 for f in o.row_filter)):
         bad("row_filter", o.row_filter, "a list of [column, op, value] triples")
+    if o.resume not in (True, False, "auto"):
+        bad("resume", o.resume, "true, false or 'auto'")
+    for key in ("checkpoint_every", "keep_checkpoints"):
+        positive_int(key)
+    if o.resume is not False and not o.checkpoint_dir:
+        bad("resume", o.resume, "resume needs checkpoint_dir")
     if o.progress not in (True, False, "auto"):
         bad("progress", o.progress, "true, false or 'auto'")
     if not isinstance(o.optimizer_options, dict):

@@ -22,7 +22,8 @@ from svi.families import Family, make_family
 from svi.model import Model
 from svi.transforms import ParamSpace, element_names
 
-__all__ = ["Posterior", "PosteriorFormatError", "FORMAT_VERSION"]
+__all__ = ["Posterior", "PosteriorFormatError", "FORMAT_VERSION", "load_posterior", "register_posterior",
+           "save_mlflow_model"]
 
 FORMAT_VERSION = 1
 
@@ -97,6 +98,66 @@ class Posterior:
             {"mean": x.mean(0), "sd": x.std(0, ddof=1), "q5": q5, "q50": q50, "q95": q95}, index=pd.Index(names, name="param")
         )
 
+    # --- prediction ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, data, n: int = 1000, seed: int = 0, columns: Mapping[str, Any] | None = None,
+                chunk_rows: int = 65536):
+        """Posterior predictive summaries per row of ``data`` (dict, DataFrame or Parquet path).
+
+        Draws ``n`` parameter sets, simulates the outcome of each row with the model's
+        ``sample_obs(p, batch, generator)``, and returns a pandas DataFrame with columns
+        ``mean``, ``sd``, ``q5``, ``q50``, ``q95``, one row per input row. The outcome column
+        need not be present.
+        """
+        import pandas as pd
+
+        if not hasattr(self.model, "sample_obs"):
+            raise TypeError(f"{self.model.name} has no sample_obs(p, batch, generator) method, so it cannot predict")
+        batch = self._prediction_batch(data, columns)
+        rows = next(iter(batch.values())).shape[0]
+        gen = torch.Generator().manual_seed(seed)
+        theta = self.sample(n, seed)
+        out = []
+        for start in range(0, rows, chunk_rows):
+            part = {k: v[start : start + chunk_rows] for k, v in batch.items()}
+            y = self.model.sample_obs(theta, part, generator=gen).double()  # (n, rows)
+            q = torch.quantile(y, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64), dim=0)
+            out.append(pd.DataFrame({"mean": y.mean(0), "sd": y.std(0), "q5": q[0], "q50": q[1], "q95": q[2]}))
+        return pd.concat(out, ignore_index=True)
+
+    def _prediction_batch(self, data, columns) -> dict[str, torch.Tensor]:
+        from svi.data.memory import InMemoryData
+        from svi.data.parquet import is_parquet_input
+        from svi.data.source import open_source
+        from svi.options import FitOptions
+
+        keys = list(self.model.batch_keys or [])
+        columns = dict(columns or self.info.get("columns") or {})
+        dtype = self.family.frame_loc.dtype
+        if is_parquet_input(data):
+            import pyarrow.parquet as pq
+
+            from svi.data.parquet import list_parquet_files
+
+            _, files = list_parquet_files(data)
+            names = pq.ParquetFile(files[0]).schema_arrow.names
+            mapping = {k: columns.get(k, k) for k in keys}
+            mapping = {k: v for k, v in mapping.items() if k != "y" or v in names}
+            src = open_source(data, mapping, list(mapping), self.model.integer_keys, dtype,
+                              FitOptions(in_memory_rows=2**62))
+            return dict(src.tensors)
+        try:
+            import pandas as pd
+        except ImportError:  # pragma: no cover
+            pd = None
+        if pd is not None and isinstance(data, pd.DataFrame):
+            mapping = {k: columns.get(k, k) for k in keys}
+            mapping = {k: v for k, v in mapping.items() if not (k == "y" and isinstance(v, str) and v not in data)}
+            return dict(InMemoryData(data, mapping, integer_keys=self.model.integer_keys, dtype=dtype).tensors)
+        present = [k for k in keys if k in data]
+        return dict(InMemoryData({k: data[k] for k in present}, integer_keys=self.model.integer_keys,
+                                 dtype=dtype).tensors)
+
     # --- persistence ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``posterior.safetensors`` and ``posterior.json`` into folder ``path`` (created)."""
@@ -124,12 +185,14 @@ class Posterior:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Model | None = None) -> "Posterior":
-        """Load a folder written by :meth:`save`; the model is rebuilt from its class path and
-        constructor arguments unless given."""
+        """Load a folder written by :meth:`save` (or an MLflow model folder holding one); the model
+        is rebuilt from its class path and constructor arguments unless given."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         path = Path(path)
+        if not (path / "posterior.json").exists() and (path / "MLmodel").exists():
+            path = path / "artifacts" / "posterior"  # an MLflow pyfunc model folder written by svi
         meta_file, tensor_file = path / "posterior.json", path / "posterior.safetensors"
         for f in (meta_file, tensor_file):
             if not f.is_file():
@@ -190,3 +253,88 @@ def _jsonable(v):
     if hasattr(v, "tolist"):
         return v.tolist()
     return repr(v)
+
+
+# --- URIs and MLflow ---------------------------------------------------------------------------
+def load_posterior(uri: str | os.PathLike, model: Model | None = None, tracking_uri: str | None = None) -> Posterior:
+    """Load a posterior from a folder, ``runs:/<run_id>/posterior`` or ``models:/<name>/<version>``.
+
+    Raises:
+        PosteriorFormatError: for an unknown URI scheme, a missing run or model, or a damaged file.
+    """
+    text = os.fspath(uri)
+    if text.startswith(("runs:/", "models:/")):
+        import mlflow.artifacts
+
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=text, tracking_uri=tracking_uri)
+        except Exception as e:  # MLflow raises many kinds for a missing run, model or artifact
+            raise PosteriorFormatError(f"cannot fetch {text} from MLflow: {type(e).__name__}: {e}") from None
+        return Posterior.load(local, model=model)
+    if "://" in text or (":" in text.split("/")[0] and not os.path.exists(text)):
+        raise PosteriorFormatError(
+            f"unknown posterior URI {text!r}: use a folder, runs:/<run_id>/posterior or models:/<name>/<version>"
+        )
+    return Posterior.load(text, model=model)
+
+
+def save_mlflow_model(post: Posterior, path: str | os.PathLike) -> Path:
+    """Write ``post`` as an MLflow model folder with a pyfunc flavour that needs no pickled code:
+    MLflow loads it through ``loader_module="svi.posterior"`` (see :func:`_load_pyfunc`)."""
+    import tempfile
+
+    import mlflow.pyfunc
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = post.save(Path(tmp) / "posterior")
+        mlflow.pyfunc.save_model(os.fspath(path), loader_module="svi.posterior", data_path=os.fspath(folder),
+                                 pip_requirements=["svi"])
+    # MLflow copies data_path under artifacts/: keep the svi folder where Posterior.load looks
+    data = path / "data"
+    if data.exists() and not (path / "artifacts" / "posterior").exists():
+        (path / "artifacts").mkdir(exist_ok=True)
+        os.replace(data / "posterior", path / "artifacts" / "posterior")
+        _rewrite_data_path(path)
+    return path
+
+
+def _rewrite_data_path(path: Path) -> None:
+    import yaml
+
+    mlmodel = path / "MLmodel"
+    spec = yaml.safe_load(mlmodel.read_text())
+    spec["flavors"]["python_function"]["data"] = "artifacts/posterior"
+    mlmodel.write_text(yaml.safe_dump(spec))
+    data = path / "data"
+    if data.exists() and not any(data.iterdir()):
+        data.rmdir()
+
+
+class PyfuncPosterior:
+    """What ``mlflow.pyfunc.load_model(uri).predict(df)`` calls: posterior predictive summaries
+    for each row of a DataFrame, with columns ``mean``, ``sd``, ``q5``, ``q50``, ``q95``."""
+
+    def __init__(self, post: Posterior, draws: int = 1000):
+        self.post = post
+        self.draws = draws
+
+    def predict(self, data, params=None):
+        params = params or {}
+        return self.post.predict(data, n=int(params.get("draws", self.draws)), seed=int(params.get("seed", 0)))
+
+
+def _load_pyfunc(data_path: str) -> PyfuncPosterior:
+    """MLflow's entry point for the pyfunc flavour (``loader_module``)."""
+    return PyfuncPosterior(Posterior.load(data_path))
+
+
+def register_posterior(tracker, name: str) -> str:
+    """Register the run's ``posterior`` artifact in the MLflow model registry; returns the version."""
+    client = tracker.client
+    try:
+        client.get_registered_model(name)
+    except Exception:  # not registered yet
+        client.create_registered_model(name)
+    mv = client.create_model_version(name, source=f"runs:/{tracker.run_id}/posterior", run_id=tracker.run_id)
+    return mv.version

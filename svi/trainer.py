@@ -15,10 +15,11 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
+from svi import distributed as dist
 from svi.convergence import Decision, IterateAverager, PosteriorConvergence, StanConvergence
 from svi.elbo import DataAnchor, ElboEstimate, ElboLoss, batch_size, elbo
 from svi.families import Family, make_family
@@ -54,6 +55,11 @@ class FitContext:
     warm_batch: Mapping[str, torch.Tensor] | None = None
     rank: int = 0
     world_size: int = 1
+    world: Any = None  # svi.distributed.World; collectives run through it
+
+    def all_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks, so every rank makes the same decision from the same numbers."""
+        return t if self.world is None else dist.all_mean(t, self.world)
 
 
 @dataclass
@@ -183,7 +189,8 @@ def evaluate_elbo(ctx: FitContext, family: Family, num_draws: int, generator: to
         est = elbo(ctx.model, ctx.space, family, ctx.eval_batch, ctx.num_rows, num_particles=s, generator=generator)
         total += float(est.value - est.entropy) * s
         done += s
-    return total / num_draws + float(family.entropy())
+    value = torch.tensor(total / num_draws + float(family.entropy()), dtype=torch.float64)
+    return float(ctx.all_mean(value))
 
 
 def search_stan_eta(ctx: FitContext, family: Family, stream: Iterator) -> float:
@@ -196,14 +203,20 @@ def search_stan_eta(ctx: FitContext, family: Family, stream: Iterator) -> float:
     def trial(eta: float) -> float:
         family.load_state_dict(start)
         opt = StanStepSize(family.parameters(), lr=eta)
+        diverged = False
         for _ in range(o.adapt_iter):
             est = elbo(ctx.model, ctx.space, family, next(stream), ctx.num_rows, o.num_particles, gen)
             opt.zero_grad(set_to_none=True)
             (-est.value).backward()
             if not _finite(est.value, family):
-                return -math.inf
+                diverged = True
+                break
             opt.step()
-        return evaluate_elbo(ctx, family, o.elbo_samples, gen)
+        value = evaluate_elbo(ctx, family, o.elbo_samples, gen)  # a collective: every rank calls it
+        flag = torch.tensor(-math.inf if diverged or not math.isfinite(value) else 0.0, dtype=torch.float64)
+        if ctx.world is not None:
+            flag = dist.all_min(flag, ctx.world)  # one rank's divergence fails the eta everywhere
+        return value if float(flag) == 0.0 else -math.inf
 
     result = search_eta(trial, elbo_init)
     family.load_state_dict(start)
@@ -237,7 +250,10 @@ def step(ctx: FitContext, state: TrainState, batch: Mapping[str, torch.Tensor]) 
         (-est.value).backward()
         grads = [p.grad for p in state.family.parameters() if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        ok = bool(torch.isfinite(est.value.detach() + grad_norm))  # the step's one host sync: the guard needs it
+        finite = torch.isfinite(est.value.detach() + grad_norm).to(torch.float64)
+        if ctx.world_size > 1:  # one rank's NaN stops the step on every rank
+            finite = dist.all_min(finite, ctx.world)
+        ok = bool(finite)  # the step's one host sync: the guard needs it
         if ok:
             state.optimizer.step()
             if state.averager is not None:
@@ -278,8 +294,14 @@ def window_length(options: FitOptions, state: TrainState) -> int:
     return int(round(options.window * (1.0 / options.lr_decay) ** state.rule.decays))
 
 
-def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker | None = None) -> TrainResult:
-    """Run steps until the convergence rule says stop or ``max_steps`` is reached."""
+def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker | None = None,
+          checkpoint: Callable[[TrainState, Any, bool], None] | None = None) -> TrainResult:
+    """Run steps until the convergence rule says stop or ``max_steps`` is reached.
+
+    Args:
+        checkpoint: called as ``checkpoint(state, stream, final)`` every ``checkpoint_every``
+            steps and once at the end.
+    """
     o = ctx.options
     tracker = tracker or NullTracker()
     started = time.perf_counter()
@@ -306,23 +328,30 @@ def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker
             tracker.log_metrics(metrics, state.step)
             if progress is not None:
                 progress.set_postfix(elbo=f"{metrics['elbo']:.6g}", rows_per_s=f"{metrics['rows_per_s']:.3g}")
+            elif ctx.rank == 0 and o.progress is not False:
+                log.info("step %d/%d  elbo %.6g  lr %.3g  rows/s %.3g", state.step, o.max_steps, metrics["elbo"],
+                         metrics["lr"], metrics["rows_per_s"])
             rows, t_log = 0, now
         if progress is not None:
             progress.update(1)
         if state.step >= window_end:
-            values = torch.stack(state.window_elbos).double().tolist()
+            values = ctx.all_mean(torch.stack(state.window_elbos).double()).tolist()
             state.window_elbos = []
             if state.window_cv:
-                state.cv_weights = control_variate_weights(torch.stack(state.window_cv).double())
+                state.cv_weights = control_variate_weights(ctx.all_mean(torch.stack(state.window_cv).double()))
                 state.window_cv = []
             decision = _end_of_window(ctx, state, values)
             window_end = state.step + window_length(o, state)
             if decision.converged:
                 break
+        if checkpoint is not None and state.step % o.checkpoint_every == 0:
+            checkpoint(state, stream, False)
     if progress is not None:
         progress.close()
     converged = decision.converged
     reason = decision.reason if converged else f"reached max_steps={o.max_steps} before the convergence rule was met"
+    if checkpoint is not None:  # before the average below: a resume continues the trajectory itself
+        checkpoint(state, stream, True)
     if not converged:
         warnings.warn(f"svi: {reason}; the result may not be the optimum (raise max_steps)", RuntimeWarning, stacklevel=2)
         if state.averager is not None and state.averager.phase_count:
@@ -452,3 +481,80 @@ def _progress_bar(o: FitOptions, rank: int, initial: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=o.max_steps, initial=initial, desc="svi", unit="step", dynamic_ncols=True)
+
+
+# --- the whole state, for checkpoints -------------------------------------------------------------
+def state_dict(state: TrainState, stream) -> dict:
+    """Everything a resume needs, as plain tensors and Python values (``weights_only``-safe)."""
+    return {
+        "step": state.step,
+        "family": state.family.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+        "rule": state.rule.state_dict(),
+        "averager": state.averager.state_dict() if state.averager is not None else None,
+        "stl": state.stl,
+        "cv_weights": list(state.cv_weights),
+        "window_elbos": [float(v) for v in state.window_elbos],
+        "window_cv": [t.tolist() for t in state.window_cv],
+        "nonfinite": [state.nonfinite_total, state.nonfinite_run, state.restores, state.window_nonfinite],
+        "last_good": state.last_good,
+        "warm_start": state.warm_start,
+        "eta": state.eta,
+        "anchor": None if state.anchor is None else {"z": state.anchor.z, "value": state.anchor.value,
+                                                     "grad": state.anchor.grad},
+        "history": [[int(s), float(v)] for s, v in state.history],
+        "generator": state.generator.get_state(),
+        "stream": stream.state_dict(),
+        "global_rng": _global_rng_state(),
+    }
+
+
+def load_state_dict(state: TrainState, saved: Mapping, stream) -> TrainState:
+    """Restore ``saved`` (from :func:`state_dict`) into a freshly built state and stream."""
+    state.step = int(saved["step"])
+    state.family.load_state_dict(saved["family"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    if state.scheduler is not None and saved["scheduler"] is not None:
+        state.scheduler.load_state_dict(saved["scheduler"])
+    state.rule.load_state_dict(saved["rule"])
+    if state.averager is not None and saved["averager"] is not None:
+        state.averager.load_state_dict(saved["averager"])
+    state.stl = bool(saved["stl"])
+    state.cv_weights = tuple(saved["cv_weights"])
+    dtype = state.family.frame_loc.dtype
+    state.window_elbos = [torch.tensor(v, dtype=dtype) for v in saved["window_elbos"]]
+    state.window_cv = [torch.tensor(v, dtype=dtype) for v in saved["window_cv"]]
+    state.nonfinite_total, state.nonfinite_run, state.restores, state.window_nonfinite = saved["nonfinite"]
+    state.last_good = saved["last_good"]
+    state.warm_start = saved["warm_start"]
+    state.eta = saved["eta"]
+    a = saved["anchor"]
+    state.anchor = None if a is None else DataAnchor(a["z"], a["value"], a["grad"])
+    state.history = [(int(s), float(v)) for s, v in saved["history"]]
+    state.generator.set_state(saved["generator"])
+    stream.load_state_dict(saved["stream"])
+    _set_global_rng_state(saved["global_rng"])
+    return state
+
+
+def _global_rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [np_state[0], torch.from_numpy(np_state[1].astype("int64")),
+                                                      int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": random.getstate()}
+
+
+def _set_global_rng_state(saved: Mapping) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(saved["torch"])
+    n = saved["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype("uint32"), n[2], n[3], n[4]))
+    random.setstate(tuple(saved["python"]) if not isinstance(saved["python"], tuple) else saved["python"])

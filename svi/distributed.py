@@ -1,0 +1,103 @@
+"""The only module that imports ``torch.distributed``.
+
+Set-up from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT):
+gloo on CPU, NCCL on CUDA with one GPU per local rank, and no process group at all when the
+world has one process. Collectives used by the trainer are small helpers here, each a no-op
+in a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+__all__ = ["World", "setup", "teardown", "wrap", "all_mean", "all_min", "gather_object", "barrier", "broadcast_object"]
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # this fit created the process group, so it destroys it
+    backend: str | None = None
+
+
+def setup(device_option: str = "cpu") -> World:
+    """Join the process group torchrun describes in the environment (a world of one otherwise)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size <= 1:
+        return World()
+    if torch_dist.is_initialized():
+        return World(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank, False, torch_dist.get_backend())
+    use_cuda = device_option.startswith("cuda") or (device_option == "auto" and torch.cuda.is_available())
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    torch_dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
+    return World(rank, world_size, local_rank, True, backend)
+
+
+def teardown(world: World) -> None:
+    """Destroy the group this fit created (on success and on error alike)."""
+    if world.owns_group and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def wrap(module: torch.nn.Module, world: World) -> torch.nn.Module | None:
+    """``DistributedDataParallel`` around the family when there are several ranks, else None.
+
+    The trainer then backpropagates through the wrapper, so DDP averages the gradients of the
+    per-rank ELBO estimates (each already scaled by N / |B_rank|) over the ranks.
+    """
+    if world.world_size <= 1:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [world.local_rank] if world.backend == "nccl" else None
+    # broadcast_buffers: the frame buffers are equal on every rank by construction (same warm start)
+    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+
+
+def all_mean(t: torch.Tensor, world: World) -> torch.Tensor:
+    """Elementwise mean over ranks."""
+    if world.world_size <= 1:
+        return t
+    out = t.detach().clone()
+    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
+    return out / world.world_size
+
+
+def all_min(t: torch.Tensor, world: World) -> torch.Tensor:
+    if world.world_size <= 1:
+        return t
+    out = t.detach().clone()
+    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MIN)
+    return out
+
+
+def gather_object(obj, world: World) -> list:
+    """Every rank's ``obj`` on every rank (small objects: cursors, RNG states)."""
+    if world.world_size <= 1:
+        return [obj]
+    out = [None] * world.world_size
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, world: World, src: int = 0):
+    if world.world_size <= 1:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    if world.world_size > 1:
+        torch_dist.barrier()

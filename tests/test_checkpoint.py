@@ -1,0 +1,147 @@
+"""Checkpoints: resume equals no resume, crashes never leave a torn checkpoint, damaged
+files are refused whole, incompatible resumes are refused with the differences listed."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import svi
+from svi.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from svi.data.jobs import write_synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 3))
+    y = (rng.random(3000) < 1 / (1 + np.exp(-(x @ [1.0, -1.0, 0.5])))).astype(float)
+    return {"x": x, "y": y}
+
+
+def _fit(data, folder, max_steps, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "reached max_steps" is expected here
+        return svi.fit(svi.models.LogisticRegression(3), data, family="fullrank", batch_size=256, max_steps=max_steps,
+                       tol_param=1e-6, checkpoint_dir=str(folder), checkpoint_every=100, **kw)
+
+
+def _same(a, b):
+    for p, q in zip(a.family.parameters(), b.family.parameters()):
+        assert torch.equal(p, q)
+    assert a.info["history"] == b.info["history"]
+
+
+@pytest.mark.parametrize("source", ["memory", "parquet"])
+def test_resume_equals_no_resume(tmp_path, source):
+    if source == "memory":
+        data, extra = _data(), {}
+    else:
+        meta = write_synthetic(tmp_path / "pq", "logistic", rows=3000, features=3, files=2, row_group_size=500,
+                               workers=1)
+        data, extra = str(tmp_path / "pq"), dict(columns=meta["columns"], in_memory_rows=0,
+                                                 cache_dir=str(tmp_path / "cache"))
+    straight = _fit(data, tmp_path / "a", 650, **extra)
+    _fit(data, tmp_path / "b", 250, **extra)  # "stops" at step 250 (not a window or checkpoint boundary)
+    assert [p.name for p in list_checkpoints(tmp_path / "b")][-1] == "ckpt-000000250.pt"
+    resumed = _fit(data, tmp_path / "b", 650, resume=True, force_resume=True, **extra)
+    assert resumed.info["steps"] == straight.info["steps"] == 650
+    _same(straight, resumed)
+
+
+def test_a_crash_between_write_and_rename_leaves_the_previous_checkpoint(tmp_path):
+    save_checkpoint(tmp_path, 100, {"x": torch.ones(3)})
+
+    def crash(tmp):
+        assert tmp.exists() and tmp.stat().st_size > 0
+        raise KeyboardInterrupt("power cut")
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 200, {"x": torch.zeros(3)}, before_replace=crash)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-000000100.pt"]  # no torn file, no stray temp file
+    path, state = latest_checkpoint(tmp_path)
+    assert path.name == "ckpt-000000100.pt" and torch.equal(state["x"], torch.ones(3))
+
+
+def test_damaged_checkpoints_are_refused_whole(tmp_path):
+    save_checkpoint(tmp_path, 1, {"x": torch.arange(5.0)})
+    good = save_checkpoint(tmp_path, 2, {"x": torch.arange(5.0) * 2})
+    raw = good.read_bytes()
+    good.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match=r"ckpt-000000002\.pt is damaged \(checksum mismatch"):
+        load_checkpoint(good)
+    path, state = latest_checkpoint(tmp_path)  # the damaged newest one is skipped
+    assert path.name == "ckpt-000000001.pt" and torch.equal(state["x"], torch.arange(5.0))
+    flipped = bytearray(raw)
+    flipped[-10] ^= 0xFF
+    good.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_checkpoint(good)
+    (tmp_path / "ckpt-000000001.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="no valid checkpoint.*bad header"):
+        latest_checkpoint(tmp_path)
+
+
+def test_keeps_the_last_k(tmp_path):
+    for step in range(1, 6):
+        save_checkpoint(tmp_path, step * 10, {"s": step}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000000040.pt", "ckpt-000000050.pt"]
+
+
+def test_incompatible_resumes_are_refused_with_the_differences(tmp_path):
+    data = _data()
+    _fit(data, tmp_path, 200)
+    with pytest.raises(CheckpointError, match=r"options differ: family: 'fullrank' -> 'meanfield'"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            svi.fit(svi.models.LogisticRegression(3), data, family="meanfield", batch_size=256, max_steps=200,
+                    tol_param=1e-6, checkpoint_dir=str(tmp_path), resume=True)
+    other = {"x": data["x"][:2000], "y": data["y"][:2000]}
+    with pytest.raises(CheckpointError, match="the data differs"):
+        _fit(other, tmp_path, 200, resume=True)
+    with pytest.raises(CheckpointError, match=r"max_steps: 200 -> 400 \(safe to change: pass force_resume=true"):
+        _fit(data, tmp_path, 400, resume=True)
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        _fit(data, tmp_path / "empty", 200, resume=True)
+    before = load_checkpoint(list_checkpoints(tmp_path)[-1])
+    (list_checkpoints(tmp_path)[-1]).write_bytes(b"SVICKPT1" + b"0" * 70)
+    # the damaged newest checkpoint is skipped and the previous one resumes
+    resumed = _fit(data, tmp_path, 200, resume=True)
+    assert resumed.info["steps"] == 200 and before["ranks"][0]["state"]["step"] == 200
+
+
+def test_kill_minus_nine_mid_fit_then_resume_matches_an_uninterrupted_fit(tmp_path):
+    script = tmp_path / "fit.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, numpy as np, svi, warnings
+        warnings.simplefilter("ignore")
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(20000, 5)); y = (rng.random(20000) < 1 / (1 + np.exp(-(x @ np.ones(5))))).astype(float)
+        post = svi.fit(svi.models.LogisticRegression(5), {{"x": x, "y": y}}, family="fullrank", batch_size=1024,
+                       max_steps=1500, tol_param=1e-6, checkpoint_dir=sys.argv[1], checkpoint_every=50,
+                       resume="auto", warm_start="none", control_variate=False)
+        np.save(sys.argv[2], np.concatenate([p.detach().numpy().ravel() for p in post.family.parameters()]))
+    """))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ck"), str(tmp_path / "a.npy")], env=env)
+    deadline = time.time() + 120
+    while len(list_checkpoints(tmp_path / "ck")) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the fit ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    path, state = latest_checkpoint(tmp_path / "ck")  # whatever moment the kill hit, one verifies
+    killed_at = state["ranks"][0]["state"]["step"]
+    assert 0 < killed_at < 1500
+    subprocess.run([sys.executable, str(script), str(tmp_path / "ck"), str(tmp_path / "a.npy")], env=env, check=True)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "ck2"), str(tmp_path / "b.npy")], env=env, check=True)
+    assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
