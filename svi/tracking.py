@@ -84,7 +84,7 @@ def _quick_http_failures() -> None:
     # MLflow retries a failed request 7 times with exponential backoff (minutes in all); the
     # probe and the mid-run sends should fail fast instead. A user's own settings win.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0.2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 
@@ -122,7 +122,7 @@ class MLflowTracker:
         except Exception as e:  # any failure of the store at start must stop the fit before training
             raise TrackingError(
                 f"cannot use the MLflow tracking store at {self.tracking_uri!r}: {type(e).__name__}: {e}. "
-                "Start the server, fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enabled=false."
+                "Start the server, fix tracking_uri (or MLFLOW_TRACKING_URI), or turn tracking off."
             ) from None
         self.run_id = run_id
         self.experiment_id = exp_id
@@ -199,9 +199,14 @@ class MLflowTracker:
         sent = self._flush_metrics()
         retry, self._pending_artifacts = self._pending_artifacts, []
         for path, ap in retry:
+            if not Path(path).exists():  # an older checkpoint rotated away while the server was gone
+                self._gaps.append(f"artifact {Path(path).name} not uploaded (removed locally before the server answered)")
+                continue
+            self._failed_at = None
             self.log_artifact(path, ap)
         if not sent or self._pending_artifacts:
             self._spool()
+        self._failed_at = None
         if self._gaps:
             self.set_tags({"svi.tracking_gaps": "; ".join(self._gaps)[:5000]})
         self._try(lambda: self.client.set_terminated(self.run_id, status), "run status")
