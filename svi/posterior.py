@@ -94,9 +94,20 @@ class Posterior:
 
         names, x = self._flat_draws(n, seed)
         q5, q50, q95 = np.quantile(x, [0.05, 0.5, 0.95], axis=0)
-        return pd.DataFrame(
+        table = pd.DataFrame(
             {"mean": x.mean(0), "sd": x.std(0, ddof=1), "q5": q5, "q50": q50, "q95": q95}, index=pd.Index(names, name="param")
         )
+        if self.info.get("khat") is not None:  # after svi.diagnostics.diagnose: one k-hat for the whole q
+            table["khat"] = float(self.info["khat"])
+            table.attrs["khat"] = float(self.info["khat"])
+        return table
+
+    def to_arviz(self, n: int = 4000, seed: int = 0):
+        """``arviz.InferenceData`` with one chain of n draws (dims named ``<param>_dim_<i>``)."""
+        import arviz as az
+
+        draws = {k: v.double().cpu().numpy()[None] for k, v in self.sample(n, seed).items()}
+        return az.from_dict(posterior=draws)
 
     # --- prediction ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -288,8 +299,12 @@ def save_mlflow_model(post: Posterior, path: str | os.PathLike) -> Path:
     path = Path(path)
     with tempfile.TemporaryDirectory() as tmp:
         folder = post.save(Path(tmp) / "posterior")
+        from mlflow.models import ModelSignature
+        from mlflow.types.schema import ParamSchema, ParamSpec
+
+        params = ParamSchema([ParamSpec("draws", "long", 1000), ParamSpec("seed", "long", 0)])
         mlflow.pyfunc.save_model(os.fspath(path), loader_module="svi.posterior", data_path=os.fspath(folder),
-                                 pip_requirements=["svi"])
+                                 pip_requirements=["svi"], signature=ModelSignature(inputs=None, params=params))
     # MLflow copies data_path under artifacts/: keep the svi folder where Posterior.load looks
     data = path / "data"
     if data.exists() and not (path / "artifacts" / "posterior").exists():

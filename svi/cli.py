@@ -1,0 +1,257 @@
+"""The ``svi`` command: fit, resume, summary, sample, diagnose, data make | convert | stats.
+
+    svi fit conf/quickstart.yaml family=fullrank
+    svi resume runs/quickstart/checkpoints        (or an MLflow run id)
+    svi summary runs/quickstart/posterior
+    svi sample runs:/<run_id>/posterior -n 1000 -o draws.parquet
+    svi diagnose runs/quickstart/posterior
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s svi %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("svi")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _print_fit_report(post, cfg) -> None:
+    import numpy as np
+    import pandas as pd
+
+    table = post.summary(n=cfg.output.summary_draws if cfg is not None else 4000)
+    truth = post.info.get("truth")
+    if truth:
+        from svi.transforms import element_names
+
+        values = {}
+        for name, value in truth.items():
+            arr = np.asarray(value)
+            values.update(zip(element_names(name, arr.shape), arr.reshape(-1).tolist()))
+        table["true"] = pd.Series(values)
+        table["z"] = (table["mean"] - table["true"]) / table["sd"]
+    with pd.option_context("display.max_rows", 60, "display.width", 120, "display.float_format", "{:.4g}".format):
+        print(table)
+    info = post.info
+    print(f"\n{info['steps']} steps, {'converged' if info['converged'] else 'NOT converged'}: {info['reason']}")
+    print(f"{info['num_rows']:,} rows, batch {info['batch_size']}, {info['seconds']:.1f} s of optimisation")
+    if info.get("run_id"):
+        uri = info["options"].get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        print(f"MLflow run {info['run_id']}; open the UI with:  mlflow ui --backend-store-uri {uri}")
+    if cfg is not None and cfg.output.posterior:
+        print(f"posterior saved in {cfg.output.posterior}  (svi summary | sample | diagnose {cfg.output.posterior})")
+
+
+def cmd_fit(args) -> int:
+    from svi.config import fit_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    post = fit_config(None, cfg=cfg)
+    _print_fit_report(post, cfg)
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from svi.config import JOB_FILE, fit_config, load_config
+
+    target = Path(args.target)
+    if target.is_dir():
+        folder = target
+    else:
+        folder = _checkpoint_folder_of_run(args.target, args.tracking_uri)
+    job = folder / JOB_FILE
+    if not job.is_file():
+        raise SystemExit(f"svi resume: {job} does not exist; resume a checkpoint folder written by `svi fit`")
+    cfg = load_config(job, [*args.overrides, f"checkpoint.dir={folder}", "resume=true"])
+    post = fit_config(None, cfg=cfg)
+    _print_fit_report(post, cfg)
+    return 0
+
+
+def _checkpoint_folder_of_run(run_id: str, tracking_uri: str | None) -> Path:
+    """The run's local checkpoint folder, or its checkpoints downloaded from MLflow."""
+    import mlflow.artifacts
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    client = MlflowClient(uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception as e:  # MLflow raises its own exceptions for an unknown run
+        raise SystemExit(f"svi resume: {run_id!r} is neither a checkpoint folder nor a run in {uri}: {e}")
+    local = run.data.tags.get("svi.checkpoint_dir")
+    if local and Path(local).is_dir():
+        return Path(local)
+    dst = Path("runs") / f"resume-{run_id}"
+    mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints", dst_path=str(dst),
+                                        tracking_uri=uri)
+    mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="job.yaml", dst_path=str(dst / "checkpoints"),
+                                        tracking_uri=uri)
+    return dst / "checkpoints"
+
+
+def cmd_summary(args) -> int:
+    import pandas as pd
+
+    from svi.posterior import load_posterior
+
+    post = load_posterior(args.uri, tracking_uri=args.tracking_uri)
+    with pd.option_context("display.max_rows", 200, "display.width", 120, "display.float_format", "{:.4g}".format):
+        print(post.summary(n=args.draws, seed=args.seed))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+    import pandas as pd
+
+    from svi.posterior import load_posterior
+    from svi.transforms import element_names
+
+    post = load_posterior(args.uri, tracking_uri=args.tracking_uri)
+    draws = post.sample(args.n, seed=args.seed)
+    cols = {}
+    for name, t in draws.items():
+        flat = t.reshape(args.n, -1).double().numpy()
+        for j, col in enumerate(element_names(name, tuple(t.shape[1:]))):
+            cols[col] = flat[:, j]
+    df = pd.DataFrame(cols)
+    out = Path(args.output)
+    if out.suffix == ".csv":
+        df.to_csv(out, index=False)
+    else:
+        df.to_parquet(out, index=False)
+    print(f"wrote {args.n} draws of {len(cols)} values to {out}")
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    from svi.diagnostics import diagnose
+
+    result = diagnose(args.uri, data=args.data, columns=json.loads(args.columns) if args.columns else None,
+                      num_draws=args.draws, seed=args.seed, tracking_uri=args.tracking_uri)
+    print(result.report())
+    return 0
+
+
+def cmd_data(args) -> int:
+    from svi.data import jobs
+
+    if args.data_cmd == "make":
+        meta = jobs.write_synthetic(args.out, args.model, args.rows, args.features, args.files, args.row_group_size,
+                                    args.seed, args.groups, args.components, args.varying_slopes, args.centered)
+        print(f"wrote {meta['rows']:,} rows in {args.files} files to {args.out}; columns {meta['columns']}")
+    elif args.data_cmd == "convert":
+        rows = jobs.csv_to_parquet(args.src, args.out, args.blocksize, args.row_group_size, args.scheduler)
+        print(f"wrote {rows:,} rows to {args.out}")
+    else:
+        from svi.data.parquet import ParquetSource
+
+        src = ParquetSource(args.data, json.loads(args.columns), integer_keys=args.integer, scheduler=args.scheduler)
+        try:
+            print(json.dumps(jobs.data_stats(src), indent=1))
+        finally:
+            src.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from svi.synthetic import MODELS
+
+    ap = argparse.ArgumentParser(prog="svi", description="Distributed ADVI on PyTorch: fit, resume, inspect posteriors.")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fit", help="run a job config", description="Run a job: make data if asked, fit, save.")
+    p.add_argument("config", help="YAML job config, e.g. conf/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. fit.family=fullrank or family=fullrank")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("resume", help="resume a fit from its checkpoints",
+                       description="Resume from a checkpoint folder or an MLflow run id; the same run continues.")
+    p.add_argument("target", help="checkpoint folder (holding job.yaml) or MLflow run id")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (only keys safe to change, with force_resume=true)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store holding the run (default MLFLOW_TRACKING_URI)")
+    p.set_defaults(func=cmd_resume)
+
+    for name, helptext in (("summary", "print a posterior summary"), ("sample", "write posterior draws"),
+                           ("diagnose", "PSIS k-hat diagnostic on the full data")):
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("uri", help="posterior folder, runs:/<run_id>/posterior or models:/<name>/<version>")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--tracking-uri", default=None, help="MLflow store for runs:/ and models:/ URIs")
+        if name == "summary":
+            p.add_argument("--draws", type=int, default=4000)
+            p.set_defaults(func=cmd_summary)
+        elif name == "sample":
+            p.add_argument("-n", type=int, default=1000, help="number of draws")
+            p.add_argument("-o", "--output", required=True, help="output file (.parquet or .csv)")
+            p.set_defaults(func=cmd_sample)
+        else:
+            p.add_argument("--data", default=None, help="data to diagnose on (default: the data it was fitted to)")
+            p.add_argument("--columns", default=None, help="JSON mapping of batch keys to columns")
+            p.add_argument("--draws", type=int, default=1000)
+            p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("data", help="data jobs: make | convert | stats", description="Data jobs.")
+    dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="JOB")
+    m = dsub.add_parser("make", help="write a synthetic Parquet data set with known truth")
+    m.add_argument("out")
+    m.add_argument("--model", default="logistic", choices=MODELS)
+    m.add_argument("--rows", type=int, default=1_000_000)
+    m.add_argument("--features", type=int, default=10)
+    m.add_argument("--files", type=int, default=8)
+    m.add_argument("--row-group-size", type=int, default=65_536)
+    m.add_argument("--groups", type=int, default=20)
+    m.add_argument("--components", type=int, default=3)
+    m.add_argument("--varying-slopes", action="store_true")
+    m.add_argument("--centered", action="store_true")
+    m.add_argument("--seed", type=int, default=0)
+    c = dsub.add_parser("convert", help="convert CSV to Parquet with Dask")
+    c.add_argument("src")
+    c.add_argument("out")
+    c.add_argument("--blocksize", default="64MB")
+    c.add_argument("--row-group-size", type=int, default=65_536)
+    c.add_argument("--scheduler", default=None)
+    s = dsub.add_parser("stats", help="full-data column statistics with Dask")
+    s.add_argument("data")
+    s.add_argument("--columns", required=True, help='JSON mapping, e.g. {"x": "x*", "y": "y"}')
+    s.add_argument("--integer", nargs="*", default=[])
+    s.add_argument("--scheduler", default=None)
+    p.set_defaults(func=cmd_data)
+    return ap
+
+
+def main(argv=None) -> int:
+    from svi.checkpoint import CheckpointError
+    from svi.config import ConfigError
+    from svi.data.columns import DataError
+    from svi.model import ModelError
+    from svi.options import OptionsError
+    from svi.posterior import PosteriorFormatError
+    from svi.tracking import TrackingError
+
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelError, OptionsError, CheckpointError, PosteriorFormatError,
+            TrackingError) as e:
+        print(f"svi {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Job configs: typed YAML (OmegaConf structured configs), command-line overrides, and
+running a job end to end.
+
+A job names a model (an import path and constructor arguments), the data (Parquet
+path and column mapping, optionally how to make a synthetic data set when it is
+missing), the fit options, tracking, checkpoints and outputs. Every key is checked
+before anything runs: an unknown key, a wrong type or a bad value is an error naming
+the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from svi.options import FitOptions, OptionsError
+
+__all__ = ["JobConfig", "ConfigError", "load_config", "fit_config", "build_model", "fit_options", "JOB_FILE"]
+
+JOB_FILE = "job.yaml"  # written beside the checkpoints so `svi resume <folder>` can rebuild the job
+
+
+class ConfigError(ValueError):
+    """A bad config file or override: names the key and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    target: str = MISSING  # "package.module:ClassName"
+    args: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MakeConfig:
+    """A synthetic data set to write when data.path does not exist (svi.data.jobs.write_synthetic)."""
+
+    model: str = "logistic"
+    rows: int = 1_000_000
+    features: int = 10
+    files: int = 8
+    row_group_size: int = 65_536
+    groups: int = 20
+    components: int = 3
+    varying_slopes: bool = False
+    centered: bool = False
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    path: str = MISSING  # Parquet file, glob or folder (local or fsspec URL)
+    columns: Dict[str, Any] = field(default_factory=dict)
+    make: Optional[MakeConfig] = None
+    row_filter: Optional[List[Any]] = None
+    scheduler: Optional[str] = None  # Dask distributed scheduler address
+    standardize: List[str] = field(default_factory=list)
+    in_memory_rows: int = 1_000_000
+    shuffle_units: int = 4
+    prefetch: int = 4
+    nan_policy: str = "error"
+    storage_options: Optional[Dict[str, Any]] = None
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "svi"
+    run_name: Optional[str] = None
+    system_metrics: bool = False
+    register_model: Optional[str] = None
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    every: int = 1000
+    keep: int = 3
+
+
+@dataclass
+class OutputConfig:
+    posterior: Optional[str] = None  # folder to save the fitted posterior in
+    summary_draws: int = 4000
+
+
+@dataclass
+class JobConfig:
+    name: str = "job"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    fit: Dict[str, Any] = field(default_factory=dict)  # any svi.FitOptions field
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: Any = "auto"  # true | false | auto
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+_SECTIONS = {f.name for f in dataclasses.fields(JobConfig)}
+_FIT_KEYS = {f.name for f in dataclasses.fields(FitOptions)}
+# fit options that the data, tracking and checkpoint sections set
+_ELSEWHERE = {
+    **{k: f"data.{k}" for k in ("row_filter", "scheduler", "standardize", "in_memory_rows", "shuffle_units", "prefetch",
+                                "nan_policy", "storage_options", "cache_dir")},
+    "tracking": "tracking.enabled", "tracking_uri": "tracking.uri", "experiment": "tracking.experiment",
+    "run_name": "tracking.run_name", "system_metrics": "tracking.system_metrics",
+    "register_model": "tracking.register_model", "checkpoint_dir": "checkpoint.dir",
+    "checkpoint_every": "checkpoint.every", "keep_checkpoints": "checkpoint.keep", "resume": "resume (top level)",
+}
+
+
+def _normalise_overrides(overrides: Sequence[str]) -> list[str]:
+    """``family=fullrank`` is short for ``fit.family=fullrank``."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. fit.family=fullrank)")
+        key, value = item.split("=", 1)
+        if "." not in key and key not in _SECTIONS:
+            if key not in _FIT_KEYS or key in _ELSEWHERE:
+                raise ConfigError(f"unknown key {key!r} in override {item!r}; top-level keys are "
+                                  f"{sorted(_SECTIONS)}, and fit options are {sorted(_FIT_KEYS)}")
+            key = f"fit.{key}"
+        out.append(f"{key}={value}")
+    return out
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load a YAML job config onto the typed schema and apply ``key=value`` overrides.
+
+    Raises:
+        ConfigError: missing file, unknown key, wrong type or bad value, naming the key.
+    """
+    schema = OmegaConf.structured(JobConfig)
+    try:
+        merged = schema
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file {p} does not exist")
+            merged = OmegaConf.merge(merged, OmegaConf.load(p))
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(_normalise_overrides(overrides)))
+        OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
+    except ConfigError:
+        raise
+    except ConfigKeyError as e:
+        raise ConfigError(f"unknown config key {e.full_key!r}: {_allowed(e.full_key)}") from None
+    except ValidationError as e:
+        raise ConfigError(f"config key {e.full_key!r}: {e.msg}") from None
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"config key {key!r}: {e.msg}" if key else f"bad config: {e}") from None
+    fit_options(merged)  # values checked now, before anything runs
+    return merged
+
+
+def _allowed(full_key: str | None) -> str:
+    section = (full_key or "").split(".")[0]
+    cls = {f.name: f.type for f in dataclasses.fields(JobConfig)}.get(section)
+    sub = {"model": ModelConfig, "data": DataConfig, "tracking": TrackingConfig, "checkpoint": CheckpointConfig,
+           "output": OutputConfig}.get(section)
+    if sub is not None and full_key.count(".") >= 1:
+        return f"keys of {section!r} are {sorted(f.name for f in dataclasses.fields(sub))}"
+    if cls is None:
+        return f"top-level keys are {sorted(_SECTIONS)}"
+    return f"top-level keys are {sorted(_SECTIONS)}"
+
+
+def fit_options(cfg: DictConfig) -> FitOptions:
+    """The :class:`FitOptions` of a job (fit section plus data, tracking and checkpoint sections)."""
+    fit = OmegaConf.to_container(cfg.fit, resolve=True)
+    unknown = sorted(set(fit) - _FIT_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown config key 'fit.{unknown[0]}'; fit options are {sorted(_FIT_KEYS - _ELSEWHERE)}")
+    misplaced = sorted(set(fit) & _ELSEWHERE)
+    if misplaced:
+        raise ConfigError(f"config key 'fit.{misplaced[0]}' belongs in another section: {_ELSEWHERE[misplaced[0]]}")
+    d, t, c = cfg.data, cfg.tracking, cfg.checkpoint
+    values = {
+        **fit,
+        "row_filter": OmegaConf.to_container(d.row_filter) if d.row_filter is not None else None,
+        "scheduler": d.scheduler, "standardize": list(d.standardize), "in_memory_rows": d.in_memory_rows,
+        "shuffle_units": d.shuffle_units, "prefetch": d.prefetch, "nan_policy": d.nan_policy,
+        "storage_options": OmegaConf.to_container(d.storage_options) if d.storage_options is not None else None,
+        "cache_dir": d.cache_dir,
+        "tracking": t.enabled, "tracking_uri": t.uri, "experiment": t.experiment, "run_name": t.run_name,
+        "system_metrics": t.system_metrics, "register_model": t.register_model,
+        "checkpoint_dir": c.dir, "checkpoint_every": c.every, "keep_checkpoints": c.keep,
+        "resume": cfg.resume if c.dir else False,
+    }
+    try:
+        return FitOptions.from_dict(values)
+    except OptionsError as e:
+        raise ConfigError(str(e).replace("option ", "config key fit.", 1)) from None
+
+
+def build_model(cfg: DictConfig):
+    """Import ``model.target`` ("package.module:Class") and construct it with ``model.args``."""
+    target = cfg.model.target
+    module_name, _, qualname = target.partition(":")
+    if not qualname:
+        raise ConfigError(f"config key 'model.target' = {target!r}: write it as 'package.module:ClassName'")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"config key 'model.target': cannot import {target!r} ({type(e).__name__}: {e}); "
+                          "is the package installed or on PYTHONPATH?") from None
+    args = OmegaConf.to_container(cfg.model.args, resolve=True)
+    try:
+        return obj(**args)
+    except Exception as e:  # the user's constructor: say which args it rejected
+        raise ConfigError(f"config key 'model.args': {target}({', '.join(f'{k}={v!r}' for k, v in args.items())}) "
+                          f"failed: {type(e).__name__}: {e}") from None
+
+
+def ensure_data(cfg: DictConfig) -> dict | None:
+    """Write the synthetic data set described by ``data.make`` when ``data.path`` is missing.
+
+    Returns:
+        The data set's truth.json contents when the folder has one (synthetic data), else None.
+    """
+    from svi.data.jobs import write_synthetic
+
+    path = Path(cfg.data.path)
+    truth_file = path / "truth.json"
+    if cfg.data.make is not None and not (path.exists() and any(path.glob("*.parquet"))):
+        m = cfg.data.make
+        print(f"making synthetic data: {m.rows:,} rows of {m.model} in {path} ...", flush=True)
+        write_synthetic(path, m.model, m.rows, m.features, m.files, m.row_group_size, m.seed, m.groups,
+                        m.components, m.varying_slopes, m.centered)
+    if truth_file.is_file():
+        return json.loads(truth_file.read_text())
+    return None
+
+
+def fit_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), cfg: DictConfig | None = None):
+    """Run a job: make the data if asked and missing, fit, save the posterior.
+
+    Args:
+        path: YAML job config.
+        overrides: ``key=value`` strings (``fit.family=fullrank`` or short ``family=fullrank``).
+        cfg: an already loaded config (then ``path`` and ``overrides`` are ignored).
+
+    Returns:
+        The :class:`svi.Posterior`.
+    """
+    import svi
+
+    cfg = cfg if cfg is not None else load_config(path, overrides)
+    opts = fit_options(cfg)
+    model = build_model(cfg)
+    truth = ensure_data(cfg)
+    if opts.checkpoint_dir:
+        _write_job_file(cfg, Path(opts.checkpoint_dir))
+    columns = OmegaConf.to_container(cfg.data.columns, resolve=True) or None
+    post = svi.fit(model, cfg.data.path, columns=columns, **{k: v for k, v in dataclasses.asdict(opts).items()})
+    post.info["job"] = OmegaConf.to_container(cfg, resolve=True)
+    post.info["truth"] = truth["truth"] if truth else None
+    post.info["data_path"] = os.path.abspath(cfg.data.path)
+    if cfg.output.posterior:
+        post.save(cfg.output.posterior)
+    return post
+
+
+def _write_job_file(cfg: DictConfig, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (JOB_FILE + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, folder / JOB_FILE)
