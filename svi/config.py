@@ -180,8 +180,8 @@ def fit_options(cfg: DictConfig) -> FitOptions:
     fit = OmegaConf.to_container(cfg.fit, resolve=True)
     unknown = sorted(set(fit) - _FIT_KEYS)
     if unknown:
-        raise ConfigError(f"unknown config key 'fit.{unknown[0]}'; fit options are {sorted(_FIT_KEYS - _ELSEWHERE)}")
-    misplaced = sorted(set(fit) & _ELSEWHERE)
+        raise ConfigError(f"unknown config key 'fit.{unknown[0]}'; fit options are {sorted(_FIT_KEYS - set(_ELSEWHERE))}")
+    misplaced = sorted(set(fit) & set(_ELSEWHERE))
     if misplaced:
         raise ConfigError(f"config key 'fit.{misplaced[0]}' belongs in another section: {_ELSEWHERE[misplaced[0]]}")
     d, t, c = cfg.data, cfg.tracking, cfg.checkpoint

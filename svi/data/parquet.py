@@ -243,10 +243,11 @@ class ParquetSource:
             return client.compute(tasks, sync=True)
         return dask.compute(*tasks, scheduler="threads")
 
-    def submit(self, unit: Unit) -> Future:
-        """Start reading one unit; the future's result is {key: numpy array}."""
+    def submit(self, unit: Unit, shuffle_seed=None) -> Future:
+        """Start reading one unit (rows permuted when ``shuffle_seed`` is given); the future's result
+        is {key: numpy array}."""
         args = (self.files[unit.file], unit.row_group, self.read_columns, self.row_filter, self.nan_policy,
-                self.fs, self.resolved, self.integer_keys)
+                self.fs, self.resolved, self.integer_keys, shuffle_seed)
         client = self.client()
         if client is not None:
             return client.submit(_read_unit, *args, pure=False)
@@ -337,36 +338,50 @@ def _filter_columns(row_filter, columns) -> list[str]:
     return [c for c in dict.fromkeys(f[0] for f in row_filter) if c not in columns]
 
 
-def _finite_mask(table: pa.Table, columns, path: str, nan_policy: str) -> np.ndarray | None:
+def _bad_values(table: pa.Table, columns, path: str) -> None:
+    """Raise naming the file, column and count of NaN, infinite or null values (nan_policy="error")."""
+    for c in columns:
+        arr = table.column(c)
+        n_bad = arr.null_count
+        if pa.types.is_floating(arr.type):
+            n_bad += int((~np.isfinite(arr.to_numpy(zero_copy_only=False))).sum()) - arr.null_count
+        if n_bad:
+            raise DataError(f"file {path}: column {c!r} has {n_bad} NaN, infinite or null values in this row "
+                            "group; clean the data or pass nan_policy='drop' to drop those rows")
+
+
+def _drop_mask(table: pa.Table, columns) -> np.ndarray | None:
     keep = None
     for c in columns:
         arr = table.column(c)
         bad = np.asarray(arr.is_null().to_numpy(zero_copy_only=False))
         if pa.types.is_floating(arr.type):
             bad = bad | ~np.isfinite(arr.to_numpy(zero_copy_only=False))
-        n_bad = int(bad.sum())
-        if n_bad:
-            if nan_policy == "error":
-                raise DataError(f"file {path}: column {c!r} has {n_bad} NaN, infinite or null values in this row "
-                                "group; clean the data or pass nan_policy='drop' to drop those rows")
+        if bad.any():
             keep = ~bad if keep is None else keep & ~bad
     return keep
 
 
 def _count_unit(path, row_group, columns, row_filter, nan_policy, fs) -> int:
     table = _read_table(path, row_group, columns, row_filter, fs)
-    keep = _finite_mask(table, columns, path, nan_policy) if nan_policy == "drop" else None
+    keep = _drop_mask(table, columns) if nan_policy == "drop" else None
     return table.num_rows if keep is None else int(keep.sum())
 
 
-def _read_unit(path, row_group, columns, row_filter, nan_policy, fs, resolved, integer_keys) -> dict[str, np.ndarray]:
+def _read_unit(path, row_group, columns, row_filter, nan_policy, fs, resolved, integer_keys,
+               shuffle_seed=None) -> dict[str, np.ndarray]:
     """Read one row group into {batch key: array}: one column as a vector, several stacked into
-    a row-major matrix in the mapping's order."""
+    a row-major matrix in the mapping's order; rows permuted when ``shuffle_seed`` is given
+    (in the reading thread or Dask worker, off the training loop)."""
     table = _read_table(path, row_group, columns, row_filter, fs)
-    keep = _finite_mask(table, columns, path, nan_policy)
+    keep = None
+    if nan_policy == "drop":
+        keep = _drop_mask(table, columns)
+    elif any(table.column(c).null_count for c in columns):
+        _bad_values(table, columns, path)
     out = {}
     for key, (cols, matrix) in resolved.items():
-        arrays = [table.column(c).to_numpy() for c in cols]  # zero-copy for one-chunk numeric columns
+        arrays = [table.column(c).to_numpy(zero_copy_only=False) for c in cols]
         if key in integer_keys:
             for c, a in zip(cols, arrays):
                 if a.dtype.kind == "f" and not np.all(a == np.round(a)):
@@ -375,12 +390,24 @@ def _read_unit(path, row_group, columns, row_filter, nan_policy, fs, resolved, i
         else:
             arrays = [a if a.dtype.kind == "f" else a.astype(np.float32) for a in arrays]
         value = np.stack(arrays, axis=1) if matrix else np.array(arrays[0])
+        if keep is None and nan_policy == "error" and value.dtype.kind == "f" and not np.isfinite(value).all():
+            _bad_values(table, cols, path)  # one vectorised check; name the column only when it fails
         out[key] = value[keep] if keep is not None else value
+    if shuffle_seed is not None:
+        n = len(next(iter(out.values())))
+        perm = np.random.default_rng(shuffle_seed).permutation(n)
+        out = {k: v[perm] for k, v in out.items()}
     return out
 
 
 class ParquetStream:
-    """This rank's endless stream of batches; see the module docstring for the plan."""
+    """This rank's endless stream of batches; see the module docstring for the plan.
+
+    A buffer window is ``shuffle_units`` row groups. Its rows are dealt out in a random
+    interleaving of the row groups (a seeded permutation of row-group labels), and within each
+    row group in a seeded random order: together a uniform permutation of the window, applied
+    by gathering each batch's rows straight into the batch (one copy, no window-wide shuffle).
+    """
 
     def __init__(self, source: ParquetSource, batch_size: int, seed: int, rank: int, world_size: int, device="cpu",
                  shuffle_units: int = 4, prefetch: int = 4):
@@ -400,21 +427,19 @@ class ParquetStream:
     def _reset(self) -> None:
         shares, self.steps = plan_epoch(self.source.units, self.seed, self.epoch, self.world_size, self.batch_size)
         self.my_units = [self.source.units[i] for i in shares[self.rank]]
-        rows = sum(u.rows for u in self.my_units)
-        self.sizes = _batch_sizes(rows, self.steps)
-        self.window_starts = list(range(0, len(self.my_units), self.shuffle_units))
+        self.sizes = _batch_sizes(sum(u.rows for u in self.my_units), self.steps)
+        self.windows = [self.my_units[i : i + self.shuffle_units] for i in range(0, len(self.my_units),
+                                                                                 self.shuffle_units)]
         start = sum(self.sizes[: self.batch])
-        # find the buffer window holding row `start` of this rank's epoch stream
         offset, w = 0, 0
-        for w, ws in enumerate(self.window_starts):
-            n = sum(u.rows for u in self.my_units[ws : ws + self.shuffle_units])
+        for w, units in enumerate(self.windows):  # the window holding row `start` of this epoch
+            n = sum(u.rows for u in units)
             if offset + n > start:
                 break
             offset += n
         self._next_window = w
         self._skip = start - offset
-        self._buffer: deque[dict[str, np.ndarray]] = deque()
-        self._buffered = 0
+        self._window = None  # (parts, labels, position, cursors)
         self._inflight: deque[tuple[int, list[Future]]] = deque()
 
     @property
@@ -422,31 +447,44 @@ class ParquetStream:
         return self.steps
 
     def _fill_reads(self) -> None:
-        units_in_flight = sum(len(f) for _, f in self._inflight)
-        while self._next_window + len(self._inflight) < len(self.window_starts) and (
-                not self._inflight or units_in_flight < self.prefetch):
+        in_flight = sum(len(f) for _, f in self._inflight)
+        while self._next_window + len(self._inflight) < len(self.windows) and (
+                not self._inflight or in_flight < self.prefetch):
             w = self._next_window + len(self._inflight)
-            ws = self.window_starts[w]
-            futures = [self.source.submit(u) for u in self.my_units[ws : ws + self.shuffle_units]]
+            futures = [self.source.submit(u) for u in self.windows[w]]
             self._inflight.append((w, futures))
-            units_in_flight += len(futures)
+            in_flight += len(futures)
 
     def _load_window(self) -> None:
         self._fill_reads()
         w, futures = self._inflight.popleft()
         parts = [f.result() for f in futures]
-        merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        n = len(next(iter(merged.values())))
-        perm = np.random.default_rng([self.seed, self.epoch, self.rank, w, 0xB0F]).permutation(n)
-        merged = {k: v[perm] for k, v in merged.items()}
+        sizes = [len(next(iter(p.values()))) for p in parts]
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, w, 0x1AB])
+        labels = np.repeat(np.arange(len(parts), dtype=np.int32), sizes)
+        rng.shuffle(labels)
+        orders = [rng.permutation(n) for n in sizes]  # each row group's rows in random order
+        cursors = np.zeros(len(parts), dtype=np.int64)
+        position = 0
         if self._skip:
-            merged = {k: v[self._skip :] for k, v in merged.items()}
-            n -= self._skip
-            self._skip = 0
-        self._buffer.append(merged)
-        self._buffered += n
+            cursors += np.bincount(labels[: self._skip], minlength=len(parts))
+            position, self._skip = self._skip, 0
+        self._window = (parts, orders, labels, position, cursors)
         self._next_window = w + 1
         self._fill_reads()
+
+    def _take(self, n: int, out: dict[str, np.ndarray], at: int) -> int:
+        """Gather up to n rows of the current window into ``out`` from row ``at``; returns how many."""
+        parts, orders, labels, position, cursors = self._window
+        n = min(n, len(labels) - position)
+        counts = np.bincount(labels[position : position + n], minlength=len(parts))
+        for j in np.nonzero(counts)[0]:
+            rows = orders[j][cursors[j] : cursors[j] + counts[j]]
+            for k, v in parts[j].items():
+                np.take(v, rows, axis=0, out=out[k][at : at + counts[j]])
+            at += counts[j]
+        self._window = (parts, orders, labels, position + n, cursors + counts)
+        return n
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
@@ -457,23 +495,16 @@ class ParquetStream:
             self.batch = 0
             self._reset()
         size = self.sizes[self.batch]
-        while self._buffered < size:
-            self._load_window()
-        pieces, need = [], size
-        while need:
-            head = self._buffer[0]
-            n = len(next(iter(head.values())))
-            take = min(n, need)
-            pieces.append({k: v[:take] for k, v in head.items()})
-            if take == n:
-                self._buffer.popleft()
-            else:
-                self._buffer[0] = {k: v[take:] for k, v in head.items()}
-            need -= take
-        self._buffered -= size
+        out, done = None, 0
+        while done < size:
+            if self._window is None or self._window[3] == len(self._window[2]):
+                self._load_window()
+            if out is None:
+                first = self._window[0][0]
+                out = {k: np.empty((size,) + v.shape[1:], dtype=v.dtype) for k, v in first.items()}
+            done += self._take(size - done, out, done)
         self.batch += 1
-        arrays = pieces[0] if len(pieces) == 1 else {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
-        return {k: t.to(self.device) for k, t in self.source.to_tensors(arrays).items()}
+        return {k: t.to(self.device) for k, t in self.source.to_tensors(out).items()}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "rank": self.rank,
