@@ -135,6 +135,9 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
         if resume is None:
             tracker.log_params(_run_params(opts, model, space, fingerprints, num_rows, world))
             tracker.set_tags({"svi.checkpoint_dir": os.path.abspath(opts.checkpoint_dir) if opts.checkpoint_dir else ""})
+            job = Path(opts.checkpoint_dir or ".") / "job.yaml"
+            if opts.checkpoint_dir and job.is_file():  # lets `svi resume <run id>` rebuild the job elsewhere
+                tracker.log_artifact(str(job))
         checkpoint = _checkpointer(opts, fingerprints, world, tracker, warm_started=resume is None and warm
                                    if resume is None else saved["warm_started"])
         result = train(ctx, state, stream, tracker, checkpoint)

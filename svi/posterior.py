@@ -303,8 +303,12 @@ def save_mlflow_model(post: Posterior, path: str | os.PathLike) -> Path:
         from mlflow.types.schema import ParamSchema, ParamSpec
 
         params = ParamSchema([ParamSpec("draws", "long", 1000), ParamSpec("seed", "long", 0)])
-        mlflow.pyfunc.save_model(os.fspath(path), loader_module="svi.posterior", data_path=os.fspath(folder),
-                                 pip_requirements=["svi"], signature=ModelSignature(inputs=None, params=params))
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MLflow's nudge for an input example; predict takes any rows
+            mlflow.pyfunc.save_model(os.fspath(path), loader_module="svi.posterior", data_path=os.fspath(folder),
+                                     pip_requirements=["svi"], signature=ModelSignature(inputs=None, params=params))
     # MLflow copies data_path under artifacts/: keep the svi folder where Posterior.load looks
     data = path / "data"
     if data.exists() and not (path / "artifacts" / "posterior").exists():

@@ -70,6 +70,7 @@ def list_parquet_files(data: str | os.PathLike | Sequence[str | os.PathLike], st
     for spec in specs:
         fs_i, _, paths = fsspec.get_fs_token_paths(spec, storage_options=dict(storage_options or {}))
         fs = fs or fs_i
+        paths = [p for p in paths if fs_i.exists(p)]
         for p in paths:
             if fs_i.isdir(p):
                 found = sorted(f for f in fs_i.find(p) if f.endswith((".parquet", ".parq", ".pq")))
