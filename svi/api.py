@@ -122,7 +122,9 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
                 eta = search_stan_eta(ctx, fam, _stream(source, batch, opts.seed + 17, device, opts, world))
             anchor = None
             if warm and opts.control_variate and batch * world.world_size < num_rows:
-                anchor = anchor_statistics(model, space, fam.frame_loc, source.chunks())
+                anchor = anchor_statistics(model, space, fam.frame_loc,
+                                           source.chunks(rank=world.rank, world_size=world.world_size),
+                                           reduce_sum=lambda t: dist.all_mean(t, world) * world.world_size)
             state = init_state(ctx, fam, note, eta, trainable=dist.wrap(fam, world), warm_started=warm,
                                anchor=anchor)
         else:
@@ -237,18 +239,34 @@ def _checkpointer(opts: FitOptions, fingerprints, world, tracker, warm_started: 
                        "world_size": world.world_size, "warm_started": warm_started, "run_id": tracker.run_id,
                        "ranks": sorted(ranks, key=lambda r: r["rank"])}
             path = save_checkpoint(opts.checkpoint_dir, state.step, payload, keep=opts.keep_checkpoints)
+            tracker.commit()  # the metrics up to this checkpoint: a resume will not repeat them
             tracker.log_artifact(str(path), "checkpoints")
         dist.barrier(world)  # no rank runs past a checkpoint before it is on disk
 
     return checkpoint
 
 
+RUN_ID_FILE = "mlflow_run_id"
+
+
 def _make_tracker(opts: FitOptions, world, resume) -> Tracker:
+    """MLflow on rank 0. A fit that resumes (or restarts under torchrun before its first
+    checkpoint) continues the run recorded beside its checkpoints."""
     if not opts.tracking or world.rank != 0:
         return NullTracker()
     run_id = resume[1].get("run_id") if resume is not None else None
-    return MLflowTracker(opts.tracking_uri, opts.experiment, opts.run_name, run_id=run_id,
-                         system_metrics=opts.system_metrics, spool_dir=opts.checkpoint_dir)
+    marker = Path(opts.checkpoint_dir) / RUN_ID_FILE if opts.checkpoint_dir else None
+    if run_id is None and marker is not None and opts.resume is not False and marker.is_file():
+        run_id = marker.read_text().strip() or None
+    tracker = MLflowTracker(opts.tracking_uri, opts.experiment, opts.run_name, run_id=run_id,
+                            system_metrics=opts.system_metrics, spool_dir=opts.checkpoint_dir,
+                            hold_metrics=bool(opts.checkpoint_dir))
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(tracker.run_id)
+        os.replace(tmp, marker)
+    return tracker
 
 
 def _run_params(opts, model, space, fingerprints, num_rows, world) -> dict:

@@ -234,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _record(fn):
+    """torchrun's error recorder: a failing rank's traceback becomes the job's reported root cause."""
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import record
+    except ImportError:  # pragma: no cover - torch builds without distributed
+        return fn
+    return record(fn)
+
+
+@_record
 def main(argv=None) -> int:
     from svi.checkpoint import CheckpointError
     from svi.config import ConfigError

@@ -88,9 +88,10 @@ class DataAnchor:
     grad: torch.Tensor
 
 
-def anchor_statistics(model: Model, space: ParamSpace, z: torch.Tensor, chunks) -> DataAnchor:
+def anchor_statistics(model: Model, space: ParamSpace, z: torch.Tensor, chunks, reduce_sum=None) -> DataAnchor:
     """One pass over the data (an iterable of row chunks) summing the log-likelihood and its
-    gradient at z, in float64."""
+    gradient at z, in float64. With several ranks each passes over its share of the chunks and
+    ``reduce_sum`` adds the (K + 1) sums over ranks."""
     z64 = z.detach().to(torch.float64).clone().requires_grad_(True)
     value = torch.zeros((), dtype=torch.float64)
     grad = torch.zeros_like(z64)
@@ -101,6 +102,9 @@ def anchor_statistics(model: Model, space: ParamSpace, z: torch.Tensor, chunks) 
         (g,) = torch.autograd.grad(total, z64)
         value += total.detach()
         grad += g
+    if reduce_sum is not None:
+        both = reduce_sum(torch.cat([value.reshape(1), grad]))
+        value, grad = both[0], both[1:]
     return DataAnchor(z.detach().clone(), value, grad)
 
 

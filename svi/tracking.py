@@ -44,6 +44,8 @@ class Tracker(Protocol):
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
 
+    def commit(self) -> None: ...
+
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -62,6 +64,9 @@ class NullTracker:
         pass
 
     def log_artifact(self, path, artifact_path=None):
+        pass
+
+    def commit(self):
         pass
 
     def finish(self, status="FINISHED"):
@@ -100,11 +105,13 @@ class MLflowTracker:
         system_metrics: also log CPU/GPU/memory with MLflow's system metrics monitor.
         spool_dir: where unsent metrics are written if the server never comes back.
         retry_seconds: after a failed send, wait this long before trying again.
+        hold_metrics: keep metrics until :meth:`commit` (called after each checkpoint), so a run
+            resumed from its last checkpoint never logs a step twice.
     """
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = "svi", run_name: str | None = None,
                  run_id: str | None = None, system_metrics: bool = False, spool_dir: str | os.PathLike | None = None,
-                 retry_seconds: float = 20.0):
+                 retry_seconds: float = 20.0, hold_metrics: bool = False):
         from mlflow.tracking import MlflowClient
 
         _quick_http_failures()
@@ -128,6 +135,8 @@ class MLflowTracker:
         self.experiment_id = exp_id
         self.spool_dir = Path(spool_dir) if spool_dir else None
         self.retry_seconds = retry_seconds
+        self.hold_metrics = hold_metrics
+        self._held: list = []
         self._pending_metrics: list = []
         self._pending_artifacts: list[tuple[str, str | None]] = []
         self._failed_at: float | None = None
@@ -178,7 +187,17 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._pending_metrics += [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        new = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        if self.hold_metrics:
+            self._held += new
+            return
+        self._pending_metrics += new
+        self._flush_metrics()
+
+    def commit(self) -> None:
+        """Send the metrics held since the last checkpoint."""
+        self._pending_metrics += self._held
+        self._held = []
         self._flush_metrics()
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
@@ -196,6 +215,8 @@ class MLflowTracker:
         if self._monitor is not None:
             self._monitor.finish()
         self._failed_at = None  # one more try for everything held back
+        self._pending_metrics += self._held
+        self._held = []
         sent = self._flush_metrics()
         retry, self._pending_artifacts = self._pending_artifacts, []
         for path, ap in retry:

@@ -176,10 +176,12 @@ class InMemoryData:
         idx = torch.randperm(self.num_rows, generator=g)[:n].sort().values
         return {k: v[idx] for k, v in self.tensors.items()}
 
-    def chunks(self, rows: int = 65536) -> Iterator[dict[str, torch.Tensor]]:
-        """All rows in order, ``rows`` at a time (views, no copies)."""
-        for start in range(0, self.num_rows, rows):
-            yield {k: v[start : start + rows] for k, v in self.tensors.items()}
+    def chunks(self, rows: int = 65536, rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+        """All rows in order, ``rows`` at a time (views, no copies); with several ranks, this
+        rank's share of the chunks (together they cover every row once)."""
+        for i, start in enumerate(range(0, self.num_rows, rows)):
+            if i % world_size == rank:
+                yield {k: v[start : start + rows] for k, v in self.tensors.items()}
 
     def stream(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, device="cpu") -> "MemoryStream":
         return MemoryStream(self, batch_size, seed, rank, world_size, device)

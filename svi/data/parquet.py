@@ -286,11 +286,11 @@ class ParquetSource:
             merged = {k: v[keep] for k, v in merged.items()}
         return self.to_tensors(merged)
 
-    def chunks(self, rows: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Every row once, a unit at a time, in file order (for full-data passes)."""
+    def chunks(self, rows: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+        """Every row once, a unit at a time, in file order (for full-data passes); with several
+        ranks, this rank's share of the units."""
         pending: deque[Future] = deque()
-        units = iter(self.units)
-        for u in units:
+        for u in self.units[rank::world_size]:
             pending.append(self.submit(u))
             if len(pending) >= 4:
                 yield self.to_tensors(pending.popleft().result())
