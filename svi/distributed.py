@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
@@ -39,8 +40,26 @@ def setup(device_option: str = "cpu") -> World:
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    torch_dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
+    # A finite timeout turns a lost peer into an error (which torchrun answers with a restart)
+    # instead of a wait of gloo's default 30 minutes.
+    timeout = timedelta(seconds=float(os.environ.get("SVI_DIST_TIMEOUT", "300")))
+    torch_dist.init_process_group(backend=backend, store=_attempt_store(rank, world_size, timeout), rank=rank,
+                                  world_size=world_size, timeout=timeout)
     return World(rank, world_size, local_rank, True, backend)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: timedelta):
+    """The rendezvous store of this launch attempt.
+
+    torchrun keeps its agent's store across ``--max-restarts`` attempts, so a restarted group
+    could read the addresses the dead attempt published and fail to connect (seen here with
+    gloo on loopback; pytorch/pytorch#167288). A prefix per attempt keeps every attempt's keys apart.
+    """
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                is_master=not agent and rank == 0, timeout=timeout, multi_tenant=not agent)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return torch_dist.PrefixStore(f"svi/attempt_{attempt}/", store)
 
 
 def teardown(world: World) -> None:
