@@ -1,0 +1,107 @@
+"""Streaming throughput and memory: a mean-field logistic fit (D = 50, B = 4096) streaming a
+Parquet data set, against a bare pyarrow scan of the same files into a numpy matrix, side by
+side in one run; and whole-process peak RSS fitting 1x and 10x the rows (same row groups).
+
+    python scripts/bench/stream_throughput.py [--rows 4000000] [--folder /tmp/svi-bench] [--steps 1500]
+
+Each measurement runs in its own fresh subprocess, one after another. The fit's rows/s is over
+its optimisation loop (``post.info["seconds"]``: the warm start and the full-data pass for the
+control variate are not in it); the scan reads every row group of every file once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+D, B, ROW_GROUP = 50, 4096, 65_536
+
+
+def make(folder: Path, rows: int) -> Path:
+    from svi.data.jobs import write_synthetic
+
+    out = folder / f"logistic-{rows}"
+    if not (out / "truth.json").is_file():
+        write_synthetic(out, "logistic", rows=rows, features=D, files=max(4, rows // 500_000),
+                        row_group_size=ROW_GROUP, seed=0)
+    return out
+
+
+def scan(path: Path) -> dict:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    files = sorted(path.glob("*.parquet"))
+    cols = [f"x{j}" for j in range(D)] + ["y"]
+    t, rows = time.perf_counter(), 0
+    for f in files:
+        pf = pq.ParquetFile(f)
+        for g in range(pf.metadata.num_row_groups):
+            table = pf.read_row_group(g, columns=cols)
+            x = np.stack([table.column(c).to_numpy() for c in cols[:-1]], axis=1)
+            rows += len(x)
+    return {"rows_per_s": rows / (time.perf_counter() - t), "peak_rss_mb": _peak_mb()}
+
+
+def fit(path: Path, steps: int) -> dict:
+    import svi
+
+    meta = json.loads((path / "truth.json").read_text())
+    post = svi.fit(svi.models.LogisticRegression(D), str(path), columns=meta["columns"], family="meanfield",
+                   batch_size=B, in_memory_rows=0, max_steps=steps, tol_param=1e-9, progress=False,
+                   cache_dir=str(path / ".cache"))
+    return {"rows_per_s": post.info["steps"] * B / post.info["seconds"], "steps": post.info["steps"],
+            "peak_rss_mb": _peak_mb()}
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _child(kind: str, path: str, steps: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, path, "--steps", str(steps)], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if out.returncode != 0:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=4_000_000)
+    ap.add_argument("--memory-rows", type=int, default=2_000_000, help="1x of the memory comparison (10x too)")
+    ap.add_argument("--folder", default="/tmp/svi-bench")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        kind, path = args.child
+        print(json.dumps(scan(Path(path)) if kind == "scan" else fit(Path(path), args.steps)))
+        return
+    folder = Path(args.folder)
+    big = make(folder, args.rows)
+    print(f"throughput on {args.rows:,} rows x {D} features", file=sys.stderr)
+    s = _child("scan", str(big), args.steps)
+    f = _child("fit", str(big), args.steps)
+    small, large = make(folder, args.memory_rows), make(folder, 10 * args.memory_rows)
+    m1 = _child("fit", str(small), 300)
+    m10 = _child("fit", str(large), 300)
+    print(f"\nmean-field logistic, D={D}, B={B}, row groups of {ROW_GROUP:,} rows, {os.cpu_count()} cores")
+    print("| measurement | value |")
+    print("|---|---:|")
+    print(f"| bare pyarrow scan into numpy, rows/s | {s['rows_per_s']:,.0f} |")
+    print(f"| svi fit streaming the same files, rows/s | {f['rows_per_s']:,.0f} |")
+    print(f"| ratio fit / scan (target >= 0.9) | {f['rows_per_s'] / s['rows_per_s']:.2f} |")
+    print(f"| peak RSS fitting {args.memory_rows:,} rows | {m1['peak_rss_mb']:,.0f} MB |")
+    print(f"| peak RSS fitting {10 * args.memory_rows:,} rows | {m10['peak_rss_mb']:,.0f} MB |")
+    print(f"| ratio 10x / 1x (target within 1.25) | {m10['peak_rss_mb'] / m1['peak_rss_mb']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
