@@ -125,13 +125,12 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
                 anchor = anchor_statistics(model, space, fam.frame_loc,
                                            source.chunks(rank=world.rank, world_size=world.world_size),
                                            reduce_sum=lambda t: dist.all_mean(t, world) * world.world_size)
-            state = init_state(ctx, fam, note, eta, trainable=dist.wrap(fam, world), warm_started=warm,
-                               anchor=anchor)
+            state = init_state(ctx, fam, note, eta, trainable=dist.wrap(fam, world), anchor=anchor)
         else:
             path, saved = resume
             fam = _family_like(saved, ctx)
             state = init_state(ctx, fam, saved["ranks"][0]["state"]["warm_start"], saved["ranks"][0]["state"]["eta"],
-                               trainable=dist.wrap(fam, world), warm_started=saved["warm_started"])
+                               trainable=dist.wrap(fam, world))
             load_state_dict(state, saved["ranks"][world.rank]["state"], stream)
             log.info("resumed from %s at step %d", path, state.step)
         if resume is None:
@@ -140,8 +139,7 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
             job = Path(opts.checkpoint_dir or ".") / "job.yaml"
             if opts.checkpoint_dir and job.is_file():  # lets `svi resume <run id>` rebuild the job elsewhere
                 tracker.log_artifact(str(job))
-        checkpoint = _checkpointer(opts, fingerprints, world, tracker, warm_started=resume is None and warm
-                                   if resume is None else saved["warm_started"])
+        checkpoint = _checkpointer(opts, fingerprints, world, tracker)
         result = train(ctx, state, stream, tracker, checkpoint)
         info = {
             "steps": result.steps, "converged": result.converged, "reason": result.reason,
@@ -227,7 +225,7 @@ def _family_like(saved: Mapping, ctx: FitContext):
     return fam.to(ctx.device)
 
 
-def _checkpointer(opts: FitOptions, fingerprints, world, tracker, warm_started: bool):
+def _checkpointer(opts: FitOptions, fingerprints, world, tracker):
     if not opts.checkpoint_dir:
         return None
 
@@ -236,7 +234,7 @@ def _checkpointer(opts: FitOptions, fingerprints, world, tracker, warm_started: 
         ranks = dist.gather_object(mine, world)  # rank 0 gets every rank's cursor and RNG state
         if world.rank == 0:
             payload = {"format": 1, "options": dataclasses.asdict(opts), "fingerprints": fingerprints,
-                       "world_size": world.world_size, "warm_started": warm_started, "run_id": tracker.run_id,
+                       "world_size": world.world_size, "run_id": tracker.run_id,
                        "ranks": sorted(ranks, key=lambda r: r["rank"])}
             path = save_checkpoint(opts.checkpoint_dir, state.step, payload, keep=opts.keep_checkpoints)
             tracker.commit()  # the metrics up to this checkpoint: a resume will not repeat them

@@ -122,6 +122,7 @@ class Model:
 
 
 def _jsonable(v):
+    """A JSON-able copy of ``v``: containers recursed, arrays and tensors as lists, others as repr."""
     if isinstance(v, (str, int, float, bool)) or v is None:
         return v
     if isinstance(v, (list, tuple)):

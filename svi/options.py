@@ -32,9 +32,8 @@ class FitOptions:
         batch_size: rows per step per process; ``None`` is all rows up to 10,000, else 1,024.
         num_particles: S, draws of z per step.
         seed: seeds the noise, the data order and the warm start.
-        optimizer: ``auto`` (plain SGD in the warm start's frame, where the posterior is close to
-            N(0, I) and a step size has a meaning; Adam without a warm start), ``stan`` (Stan's
-            step-size sequence) or any ``torch.optim`` name.
+        optimizer: ``adam`` (default; lr is then a fraction of a posterior sd in the warm start's
+            frame), ``stan`` (Stan's step-size sequence) or any ``torch.optim`` name.
         lr: step size (eta for ``stan``); ``"auto"`` runs Stan's eta search (``stan`` only).
         optimizer_options: extra keyword arguments of the optimiser.
         lr_schedule: ``{"name": <torch.optim.lr_scheduler class>, ...}`` stepped every step.
@@ -95,7 +94,7 @@ class FitOptions:
     batch_size: Optional[int] = None
     num_particles: int = 1
     seed: int = 0
-    optimizer: str = "auto"
+    optimizer: str = "adam"
     lr: Union[float, str] = 0.1
     optimizer_options: dict = field(default_factory=dict)
     lr_schedule: Optional[dict] = None

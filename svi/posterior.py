@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from svi.families import Family, make_family
-from svi.model import Model
+from svi.model import Model, _jsonable
 from svi.transforms import ParamSpace, element_names
 
 __all__ = ["Posterior", "PosteriorFormatError", "FORMAT_VERSION", "load_posterior", "register_posterior",
@@ -252,18 +252,6 @@ def _rebuild_model(spec: Mapping[str, Any]) -> Model:
         return obj(*spec.get("args", []), **spec.get("kwargs", {}))
     except Exception as e:  # the user's constructor: report whatever it raised
         raise PosteriorFormatError(f"rebuilding {spec['class']} with its saved arguments failed: {e}") from None
-
-
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if hasattr(v, "tolist"):
-        return v.tolist()
-    return repr(v)
 
 
 # --- URIs and MLflow ---------------------------------------------------------------------------

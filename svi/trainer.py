@@ -136,21 +136,11 @@ def build_family(ctx: FitContext) -> tuple[Family, str, bool]:
     return family.to(ctx.device), note, warm
 
 
-def optimizer_name(options: FitOptions, warm_started: bool) -> str:
-    """``auto``: SGD where the warm start gave a frame in which the posterior is near N(0, I),
-    so that lr is a fraction of a posterior sd and its relaxation time (about 1/lr steps) is
-    known; Adam, whose per-coordinate scaling copes with unknown scales, otherwise."""
-    if options.optimizer != "auto":
-        return options.optimizer
-    return "adam"
-
-
 def init_state(ctx: FitContext, family: Family, warm_note: str = "", eta: float | None = None,
-               trainable: torch.nn.Module | None = None, warm_started: bool = False,
-               anchor: DataAnchor | None = None) -> TrainState:
+               trainable: torch.nn.Module | None = None, anchor: DataAnchor | None = None) -> TrainState:
     o = ctx.options
     lr = eta if eta is not None else o.lr
-    optimizer = make_optimizer(optimizer_name(o, warm_started), family.parameters(), lr=lr, **o.optimizer_options)
+    optimizer = make_optimizer(o.optimizer, family.parameters(), lr=lr, **o.optimizer_options)
     scheduler = make_scheduler(optimizer, o.lr_schedule)
     generator = torch.Generator(device=ctx.device).manual_seed(_noise_seed(o.seed, ctx.rank))
     if o.convergence == "posterior":

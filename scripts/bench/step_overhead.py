@@ -65,13 +65,13 @@ def run_svi(B, steps, compiled, defaults):
     data = InMemoryData({"x": x, "y": y}, keys=model.batch_keys)
     ctx = FitContext(model=model, space=ParamSpace(model.params), options=opts, num_rows=N, dtype=torch.float32,
                      device=torch.device("cpu"), eval_batch=data.sample(256, 0), warm_batch=data.sample(20_000, 1))
-    fam, _, warm = build_family(ctx)
+    fam, _, _ = build_family(ctx)
     anchor = None
     if defaults:
         from svi.elbo import anchor_statistics
 
         anchor = anchor_statistics(model, ctx.space, fam.frame_loc, data.chunks())
-    state = init_state(ctx, fam, warm_started=warm, anchor=anchor)
+    state = init_state(ctx, fam, anchor=anchor)
     stream = data.stream(B, seed=0)
     batches = [next(stream) for _ in range(N // B)]  # whole batches only: one compiled shape
     it = iter(range(10**9))
