@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 
 from svi import distributed as dist
-from svi.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
+from svi.checkpoint import CheckpointError, atomic_write_text, latest_checkpoint, save_checkpoint
 from svi.data.parquet import ParquetSource
 from svi.data.source import open_source, raise_if_unknown, standardize
 from svi.elbo import anchor_statistics
@@ -79,6 +79,7 @@ def fit(
     opts = FitOptions.from_dict({"family": family, **options})
     dtype = getattr(torch, opts.dtype)
     world = dist.setup(opts.device)
+    clean = False
     try:
         device = resolve_device(opts.device, world.local_rank)
         space = ParamSpace(model.get_params(), model.name)
@@ -89,12 +90,14 @@ def fit(
                 stats = standardize(source, opts.standardize, dtype)
                 if hasattr(model, "use_data_stats"):
                     model.use_data_stats(stats)
-            return _fit(model, space, source, opts, dtype, device, tracker, world, columns)
+            post = _fit(model, space, source, opts, dtype, device, tracker, world, columns)
+            clean = True
+            return post
         finally:
             if hasattr(source, "close"):
                 source.close()
     finally:
-        dist.teardown(world)
+        dist.teardown(world, clean)
 
 
 def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, columns=None) -> Posterior:
@@ -260,10 +263,7 @@ def _make_tracker(opts: FitOptions, world, resume) -> Tracker:
                             system_metrics=opts.system_metrics, spool_dir=opts.checkpoint_dir,
                             hold_metrics=bool(opts.checkpoint_dir))
     if marker is not None:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(tracker.run_id)
-        os.replace(tmp, marker)
+        atomic_write_text(marker, tracker.run_id)
     return tracker
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
+__all__ = ["CheckpointError", "atomic_write_text", "temporary_name", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
            "CHECKPOINT_GLOB"]
 
 MAGIC = b"SVICKPT1"
@@ -29,6 +29,28 @@ CHECKPOINT_GLOB = "ckpt-*.pt"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, altered, or incompatible with this run."""
+
+
+def temporary_name(path: Path) -> Path:
+    """A temporary file beside ``path`` that no other process or thread uses."""
+    import threading
+
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically: a private temporary file, then ``os.replace``.
+    Several processes may write the same file at once; each reader sees one whole version."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _path(folder: Path, step: int) -> Path:
@@ -53,7 +75,7 @@ def save_checkpoint(folder: str | os.PathLike, step: int, state: dict[str, Any],
     payload = buf.getvalue()
     digest = hashlib.sha256(payload).hexdigest().encode()
     final = _path(folder, step)
-    tmp = folder / f".{final.name}.{os.getpid()}.tmp"
+    tmp = temporary_name(final)
     try:
         with open(tmp, "wb") as f:
             f.write(MAGIC + digest + b"\n")

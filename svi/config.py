@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -234,11 +235,18 @@ def ensure_data(cfg: DictConfig) -> dict | None:
 
     path = Path(cfg.data.path)
     truth_file = path / "truth.json"
-    if cfg.data.make is not None and not (path.exists() and any(path.glob("*.parquet"))):
+    if cfg.data.make is not None and not truth_file.is_file():
         m = cfg.data.make
-        print(f"making synthetic data: {m.rows:,} rows of {m.model} in {path} ...", flush=True)
-        write_synthetic(path, m.model, m.rows, m.features, m.files, m.row_group_size, m.seed, m.groups,
-                        m.components, m.varying_slopes, m.centered)
+        if _launch_rank() == 0:
+            print(f"making synthetic data: {m.rows:,} rows of {m.model} in {path} ...", flush=True)
+            write_synthetic(path, m.model, m.rows, m.features, m.files, m.row_group_size, m.seed, m.groups,
+                            m.components, m.varying_slopes, m.centered)
+        else:  # rank 0 writes; truth.json, written last, says the data set is complete
+            deadline = time.monotonic() + float(os.environ.get("SVI_DIST_TIMEOUT", "300"))
+            while not truth_file.is_file():
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"data.make: rank 0 did not finish writing {path} in time")
+                time.sleep(0.2)
     if truth_file.is_file():
         return json.loads(truth_file.read_text())
     return None
@@ -261,20 +269,24 @@ def fit_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), cf
     opts = fit_options(cfg)
     model = build_model(cfg)
     truth = ensure_data(cfg)
-    if opts.checkpoint_dir:
+    if opts.checkpoint_dir and _launch_rank() == 0:
         _write_job_file(cfg, Path(opts.checkpoint_dir))
     columns = OmegaConf.to_container(cfg.data.columns, resolve=True) or None
     post = svi.fit(model, cfg.data.path, columns=columns, **{k: v for k, v in dataclasses.asdict(opts).items()})
     post.info["job"] = OmegaConf.to_container(cfg, resolve=True)
     post.info["truth"] = truth["truth"] if truth else None
     post.info["data_path"] = os.path.abspath(cfg.data.path)
-    if cfg.output.posterior:
+    if cfg.output.posterior and _launch_rank() == 0:
         post.save(cfg.output.posterior)
     return post
 
 
 def _write_job_file(cfg: DictConfig, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (JOB_FILE + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, folder / JOB_FILE)
+    from svi.checkpoint import atomic_write_text
+
+    atomic_write_text(folder / JOB_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _launch_rank() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun); known before any process group."""
+    return int(os.environ.get("RANK", "0"))

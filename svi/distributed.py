@@ -62,9 +62,19 @@ def _attempt_store(rank: int, world_size: int, timeout: timedelta):
     return torch_dist.PrefixStore(f"svi/attempt_{attempt}/", store)
 
 
-def teardown(world: World) -> None:
-    """Destroy the group this fit created (on success and on error alike)."""
+def teardown(world: World, clean: bool = True) -> None:
+    """Destroy the group this fit created, on success and on error alike. After a clean finish
+    the ranks first meet at a barrier, so none closes its connections while another still uses
+    them (that aborted the process with "terminate called without an active exception")."""
     if world.owns_group and torch_dist.is_initialized():
+        if clean:
+            try:
+                if world.backend == "gloo":
+                    torch_dist.monitored_barrier(timeout=timedelta(seconds=60))
+                else:
+                    torch_dist.barrier()
+            except RuntimeError:  # a peer already gone: nothing left to wait for
+                pass
         torch_dist.destroy_process_group()
 
 

@@ -187,7 +187,9 @@ class Posterior:
             "space": self.space.spec(),
             "info": _jsonable(self.info),
         }
-        tmp_t, tmp_j = path / ".posterior.safetensors.tmp", path / ".posterior.json.tmp"
+        from svi.checkpoint import temporary_name
+
+        tmp_t, tmp_j = temporary_name(path / "posterior.safetensors"), temporary_name(path / "posterior.json")
         save_file(tensors, str(tmp_t))
         tmp_j.write_text(json.dumps(meta, indent=1))
         os.replace(tmp_t, path / "posterior.safetensors")

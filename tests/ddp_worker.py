@@ -16,6 +16,7 @@ from tests.ddp_reference import setup_problem
 
 def main(out, family, steps):
     world = dist.setup("cpu")
+    clean = False
     try:
         ctx, data, fam = setup_problem(family, world)
         state = init_state(ctx, fam, trainable=dist.wrap(fam, world))
@@ -25,8 +26,9 @@ def main(out, family, steps):
             assert info.ok
         if world.rank == 0:
             np.save(out, torch.cat([p.detach().reshape(-1) for p in fam.parameters()]).numpy())
+        clean = True
     finally:
-        dist.teardown(world)
+        dist.teardown(world, clean)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def _write_file(args) -> int:
 
     spec = SyntheticSpec(**spec_dict)
     rng = np.random.default_rng(seed)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     writer = None
     try:
         for start in range(0, rows, row_group_size):
@@ -76,7 +76,9 @@ def write_synthetic(out: str | os.PathLike, model: str = "logistic", rows: int =
             _write_file(job)
     meta = {"spec": spec.__dict__, "truth": truth, "columns": batch_columns(spec), "rows": rows, "files": files,
             "row_group_size": row_group_size, "seed": seed}
-    (out / "truth.json").write_text(json.dumps(meta, indent=1))
+    from svi.checkpoint import atomic_write_text
+
+    atomic_write_text(out / "truth.json", json.dumps(meta, indent=1))  # last: marks the data set complete
     return meta
 
 
@@ -175,8 +177,7 @@ def data_stats(source, use_cache: bool = True) -> dict[str, Any]:
         del c["m2"]
     stats = {"fingerprint": source.fingerprint(), "num_rows": source.num_rows, "columns": columns,
              "groups": {k: dict(sorted(v.items(), key=lambda kv: int(kv[0]))) for k, v in groups.items()}}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(stats))
-    os.replace(tmp, cache)
+    from svi.checkpoint import atomic_write_text
+
+    atomic_write_text(cache, json.dumps(stats))
     return stats

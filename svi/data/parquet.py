@@ -221,10 +221,9 @@ class ParquetSource:
         tasks = [dask.delayed(_count_unit)(self.files[u.file], u.row_group, self.read_columns, self.row_filter,
                                           self.nan_policy, self.fs) for u in self.units]
         counts = list(self._compute(tasks))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(counts))
-        os.replace(tmp, cache)
+        from svi.checkpoint import atomic_write_text
+
+        atomic_write_text(cache, json.dumps(counts))
         return counts
 
     # --- reading ------------------------------------------------------------------------------
