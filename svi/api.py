@@ -84,6 +84,8 @@ def fit(
         device = resolve_device(opts.device, world.local_rank)
         space = ParamSpace(model.get_params(), model.name)
         source = open_source(data, columns, model.batch_keys, model.integer_keys, dtype, opts)
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(_intra_op_threads(opts.threads, source))
         try:
             if opts.standardize:
                 raise_if_unknown(opts.standardize, model.batch_keys, model.integer_keys)
@@ -94,10 +96,21 @@ def fit(
             clean = True
             return post
         finally:
+            torch.set_num_threads(threads_before)
             if hasattr(source, "close"):
                 source.close()
     finally:
         dist.teardown(world, clean)
+
+
+def _intra_op_threads(requested: int | None, source) -> int:
+    """torch's threads for the fit: as requested, else the current setting less one core for the
+    reading threads while Parquet is streamed locally (see FitOptions.threads)."""
+    if requested is not None:
+        return requested
+    current = torch.get_num_threads()
+    streams_locally = isinstance(source, ParquetSource) and source.scheduler is None
+    return max(1, current - 1) if streams_locally else current
 
 
 def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, columns=None) -> Posterior:

@@ -83,6 +83,21 @@ def test_batches_mix_row_groups(ragged):
     src.close()
 
 
+def test_rows_within_a_row_group_come_in_a_fresh_random_order_each_epoch(tmp_path):
+    ids = np.arange(200)
+    _write(tmp_path / "one.parquet", {"id": ids, "v": ids / 10}, [200])  # one row group: no interleaving
+    src = _source(tmp_path)
+    stream = src.stream(batch_size=50, seed=3, shuffle_units=1)
+    epochs = [torch.cat([next(stream)["id"] for _ in range(stream.steps_per_epoch)]).tolist() for _ in range(2)]
+    for order in epochs:
+        assert sorted(order) == list(range(200))
+        assert order != list(range(200))
+        # a uniform permutation has about 200/2 ascents out of 199; file order would have 199
+        assert 70 < sum(a < b for a, b in zip(order, order[1:])) < 130
+    assert epochs[0] != epochs[1]
+    src.close()
+
+
 def test_resume_mid_epoch_yields_the_same_batches(ragged):
     folder, _ = ragged
     src = _source(folder)
@@ -239,3 +254,40 @@ def test_standardize_uses_full_data_statistics(tmp_path):
     assert diff.max() < 0.1, diff
     with pytest.raises(DataError, match="standardize names key 'z'"):
         svi.fit(model, str(tmp_path / "a.parquet"), columns={"x": "x*", "y": "y"}, standardize=["z"])
+
+
+class ThreadsSeen(svi.Model):
+    """A Gaussian mean that records torch's intra-op thread count at every likelihood call."""
+
+    batch_keys = ("v",)
+
+    def __init__(self):
+        self.params = {"m": svi.Param(())}
+        self.seen = set()
+
+    def log_prior(self, p):
+        return -0.5 * p["m"] ** 2
+
+    def log_likelihood(self, p, batch):
+        self.seen.add(torch.get_num_threads())
+        return -0.5 * (batch["v"] - p["m"].unsqueeze(-1)) ** 2
+
+
+def test_streaming_leaves_a_core_to_the_readers_and_restores_torch_threads(ragged):
+    folder, _ = ragged
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fits = {}
+        for name, kw in {"streamed": dict(in_memory_rows=0), "in memory": {},
+                         "streamed, threads=2": dict(in_memory_rows=0, threads=2)}.items():
+            model = ThreadsSeen()
+            svi.fit(model, str(folder), columns={"v": "v"}, batch_size=4, max_steps=30, warm_start="none",
+                    cache_dir=str(folder / ".cache"), **kw)
+            fits[name] = model.seen
+            assert torch.get_num_threads() == 2  # the caller's setting is back
+        assert fits == {"streamed": {1}, "in memory": {2}, "streamed, threads=2": {2}}
+        with pytest.raises(svi.options.OptionsError, match="option threads=0 is not allowed: a positive integer"):
+            svi.fit(ThreadsSeen(), str(folder), columns={"v": "v"}, threads=0)
+    finally:
+        torch.set_num_threads(before)

@@ -320,9 +320,14 @@ def _null_count(meta: pq.FileMetaData, column: str) -> int:
 
 
 def _read_table(path, row_group, columns, row_filter, fs) -> pa.Table:
+    wanted = list(columns) + _filter_columns(row_filter, columns)
     try:
-        with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(row_group, columns=list(columns) + _filter_columns(row_filter, columns))
+        if _is_local(fs):  # Arrow's own file reader: no reads through a Python file object (not
+            # memory-mapped: a file truncated while mapped would kill the process with SIGBUS)
+            table = pq.ParquetFile(path).read_row_group(row_group, columns=wanted)
+        else:
+            with fs.open(path, "rb") as f:
+                table = pq.ParquetFile(f).read_row_group(row_group, columns=wanted)
     except FileNotFoundError:
         raise DataError(f"file {path} vanished during the run; restore it (or restart the fit without it)") from None
     except (OSError, pa.ArrowInvalid) as e:
@@ -330,6 +335,12 @@ def _read_table(path, row_group, columns, row_filter, fs) -> pa.Table:
     if row_filter:
         table = table.filter(pq.filters_to_expression(row_filter))
     return table
+
+
+def _is_local(fs) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
 
 
 def _filter_columns(row_filter, columns) -> list[str]:
@@ -405,8 +416,9 @@ class ParquetStream:
 
     A buffer window is ``shuffle_units`` row groups. Its rows are dealt out in a random
     interleaving of the row groups (a seeded permutation of row-group labels), and within each
-    row group in a seeded random order: together a uniform permutation of the window, applied
-    by gathering each batch's rows straight into the batch (one copy, no window-wide shuffle).
+    row group in a seeded random order: together a uniform permutation of the window. The
+    within-group order is applied where the row group is read (a reading thread or a Dask
+    worker), so the training loop only copies contiguous runs of rows into each batch.
     """
 
     def __init__(self, source: ParquetSource, batch_size: int, seed: int, rank: int, world_size: int, device="cpu",
@@ -451,7 +463,11 @@ class ParquetStream:
         while self._next_window + len(self._inflight) < len(self.windows) and (
                 not self._inflight or in_flight < self.prefetch):
             w = self._next_window + len(self._inflight)
-            futures = [self.source.submit(u) for u in self.windows[w]]
+            # each row group arrives with its rows already in a seeded random order: the
+            # permutation (a random gather over the whole row group) runs in the reading thread
+            # or Dask worker, and the training loop only copies contiguous runs of rows
+            futures = [self.source.submit(u, shuffle_seed=[self.seed, self.epoch, self.rank, w, j, 0x0DE])
+                       for j, u in enumerate(self.windows[w])]
             self._inflight.append((w, futures))
             in_flight += len(futures)
 
@@ -463,27 +479,25 @@ class ParquetStream:
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, w, 0x1AB])
         labels = np.repeat(np.arange(len(parts), dtype=np.int32), sizes)
         rng.shuffle(labels)
-        orders = [rng.permutation(n) for n in sizes]  # each row group's rows in random order
         cursors = np.zeros(len(parts), dtype=np.int64)
         position = 0
         if self._skip:
             cursors += np.bincount(labels[: self._skip], minlength=len(parts))
             position, self._skip = self._skip, 0
-        self._window = (parts, orders, labels, position, cursors)
+        self._window = (parts, labels, position, cursors)
         self._next_window = w + 1
         self._fill_reads()
 
     def _take(self, n: int, out: dict[str, np.ndarray], at: int) -> int:
         """Gather up to n rows of the current window into ``out`` from row ``at``; returns how many."""
-        parts, orders, labels, position, cursors = self._window
+        parts, labels, position, cursors = self._window
         n = min(n, len(labels) - position)
         counts = np.bincount(labels[position : position + n], minlength=len(parts))
         for j in np.nonzero(counts)[0]:
-            rows = orders[j][cursors[j] : cursors[j] + counts[j]]
-            for k, v in parts[j].items():
-                np.take(v, rows, axis=0, out=out[k][at : at + counts[j]])
+            for k, v in parts[j].items():  # the next counts[j] rows of the (already permuted) row group
+                out[k][at : at + counts[j]] = v[cursors[j] : cursors[j] + counts[j]]
             at += counts[j]
-        self._window = (parts, orders, labels, position + n, cursors + counts)
+        self._window = (parts, labels, position + n, cursors + counts)
         return n
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -497,7 +511,7 @@ class ParquetStream:
         size = self.sizes[self.batch]
         out, done = None, 0
         while done < size:
-            if self._window is None or self._window[3] == len(self._window[2]):
+            if self._window is None or self._window[2] == len(self._window[1]):
                 self._load_window()
             if out is None:
                 first = self._window[0][0]
