@@ -463,9 +463,7 @@ class ParquetStream:
         while self._next_window + len(self._inflight) < len(self.windows) and (
                 not self._inflight or in_flight < self.prefetch):
             w = self._next_window + len(self._inflight)
-            # each row group arrives with its rows already in a seeded random order: the
-            # permutation (a random gather over the whole row group) runs in the reading thread
-            # or Dask worker, and the training loop only copies contiguous runs of rows
+            # rows arrive in a seeded random order (see the class docstring)
             futures = [self.source.submit(u, shuffle_seed=[self.seed, self.epoch, self.rank, w, j, 0x0DE])
                        for j, u in enumerate(self.windows[w])]
             self._inflight.append((w, futures))
@@ -489,7 +487,7 @@ class ParquetStream:
         self._fill_reads()
 
     def _take(self, n: int, out: dict[str, np.ndarray], at: int) -> int:
-        """Gather up to n rows of the current window into ``out`` from row ``at``; returns how many."""
+        """Copy up to n rows of the current window into ``out`` from row ``at``; returns how many."""
         parts, labels, position, cursors = self._window
         n = min(n, len(labels) - position)
         counts = np.bincount(labels[position : position + n], minlength=len(parts))
