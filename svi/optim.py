@@ -213,6 +213,8 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float | 
             raise ValueError(f"unknown optimizer {name!r}; choose 'stan' or one of torch.optim: {', '.join(names)}")
     if lr is not None:
         kwargs["lr"] = lr
+    if cls in (torch.optim.Adam, torch.optim.AdamW) and "fused" not in kwargs and "foreach" not in kwargs:
+        kwargs["fused"] = True  # one kernel for the whole update: half the cost of the per-tensor loop on CPU
     try:
         return cls(params, **kwargs)
     except TypeError as e:

@@ -33,8 +33,10 @@ class _Regression(Model):
 
     @staticmethod
     def linear_predictor(p, x):
-        """(S, B): x @ w + b for every particle."""
-        return torch.addmm(p["b"].unsqueeze(0), x, p["w"].T).T
+        """(S, B): x @ w + b for every particle, computed as w x^T + b, already (S, B): its
+        backward is (S, B) @ (B, D), a product BLAS runs several times faster here than the
+        (D, B) @ (B, S) that the transposed form's backward needs."""
+        return torch.addmm(p["b"].unsqueeze(-1), p["w"], x.T)
 
     def log_prior(self, p):
         return self._coef_prior(p)

@@ -72,9 +72,9 @@ class _Hierarchical(Model):
         """(S, B) linear predictor with each row's group effects."""
         x, g = batch["x"], batch["g"]
         if self.centered:
-            eta = (x @ p["w"].T).T + p["alpha_raw"][:, g]
+            eta = p["w"] @ x.T + p["alpha_raw"][:, g]
         else:
-            eta = (x @ p["w"].T).T + p["mu"].unsqueeze(-1) + p["tau"].unsqueeze(-1) * p["alpha_raw"][:, g]
+            eta = p["w"] @ x.T + p["mu"].unsqueeze(-1) + p["tau"].unsqueeze(-1) * p["alpha_raw"][:, g]
         if self.varying_slopes:
             w_raw = p["w_raw"][:, g, :]  # (S, B, D)
             slope_dev = w_raw if self.centered else p["tau_w"].unsqueeze(1) * w_raw
