@@ -200,6 +200,8 @@ _ALIASES = {"stan": StanStepSize}
 
 def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float | None = None, **kwargs: Any) -> Optimizer:
     """An optimiser by name: ``stan`` or any class in ``torch.optim`` (case-insensitive: ``adam``, ``SGD``, ...).
+    Adam and AdamW use torch's fused implementation unless ``fused``, ``foreach`` or
+    ``differentiable`` is given.
 
     Raises:
         ValueError: for an unknown name or options the optimiser does not take.
@@ -213,7 +215,7 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float | 
             raise ValueError(f"unknown optimizer {name!r}; choose 'stan' or one of torch.optim: {', '.join(names)}")
     if lr is not None:
         kwargs["lr"] = lr
-    if cls in (torch.optim.Adam, torch.optim.AdamW) and "fused" not in kwargs and "foreach" not in kwargs:
+    if cls in (torch.optim.Adam, torch.optim.AdamW) and not {"fused", "foreach", "differentiable"} & set(kwargs):
         kwargs["fused"] = True  # one kernel for the whole update: half the cost of the per-tensor loop on CPU
     try:
         return cls(params, **kwargs)

@@ -105,3 +105,21 @@ def test_optimizer_factory_and_schedule():
     assert opt.param_groups[0]["lr"] == 0.25
     with pytest.raises(ValueError, match="unknown lr_schedule name 'Nope'"):
         make_scheduler(opt, {"name": "Nope"})
+
+
+def test_default_adam_is_fused_and_follows_the_per_tensor_update():
+    torch.manual_seed(0)
+    target = torch.randn(7, dtype=torch.float64)
+    start = [torch.randn(7, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
+    paths = []
+    for options in ({}, {"foreach": False}):
+        params = [torch.nn.Parameter(s.clone()) for s in start]
+        opt = make_optimizer("adam", params, lr=0.05, **options)
+        assert opt.defaults["fused"] is (True if not options else None)
+        for _ in range(50):
+            opt.zero_grad()
+            (((params[0] - target) ** 2).sum() + params[1].pow(4).sum()).backward()
+            opt.step()
+        paths.append(torch.cat([p.detach() for p in params]))
+    torch.testing.assert_close(paths[0], paths[1], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(paths[0][:7], start[0])  # it moved
