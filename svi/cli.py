@@ -115,7 +115,6 @@ def cmd_summary(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import numpy as np
     import pandas as pd
 
     from svi.posterior import load_posterior

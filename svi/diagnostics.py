@@ -11,7 +11,6 @@ up to 0.7 importance resampling repairs them, above 0.7 the fit should not be tr
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping

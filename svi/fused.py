@@ -8,7 +8,6 @@ step), with a fraction of the per-step dispatch cost.
 
 from __future__ import annotations
 
-import warnings
 from typing import Mapping
 
 import torch

@@ -172,7 +172,6 @@ def _noise_seed(seed: int, rank: int) -> int:
 def evaluate_elbo(ctx: FitContext, family: Family, num_draws: int, generator: torch.Generator,
                   chunk: int = 50) -> float:
     """The ELBO with ``num_draws`` draws on the fixed evaluation batch (Stan's ``calc_ELBO``)."""
-    n_eval = batch_size(ctx.eval_batch)
     total, done = 0.0, 0
     while done < num_draws:
         s = min(chunk, num_draws - done)

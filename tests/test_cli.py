@@ -1,7 +1,6 @@
 """The command line and the job configs, as a user drives them: real processes, a kill -9,
 resume, summary, sample, diagnose; every example config; bad configs."""
 
-import os
 import signal
 import subprocess
 import sys

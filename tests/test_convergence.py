@@ -1,6 +1,5 @@
 """Stan's relative-tolerance rule and the posterior-units rule."""
 
-import math
 
 import torch
 

@@ -4,7 +4,6 @@ statistics, a real Dask cluster, and a streaming fit that matches the in-memory 
 import json
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

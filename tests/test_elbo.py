@@ -5,7 +5,6 @@ import math
 
 import torch
 
-from svi import constraints
 from svi.elbo import elbo
 from svi.families import make_family
 from svi.model import Model, Param

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import svi
-from svi.diagnostics import diagnose, psis
+from svi.diagnostics import diagnose
 from svi.posterior import PosteriorFormatError, load_posterior, save_mlflow_model
 from tests.test_accuracy import uncentred_predictor
 from tests.test_fit import conjugate_problem

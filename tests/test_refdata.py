@@ -8,7 +8,6 @@ where the posterior is correlated; the README reports them).
 
 import numpy as np
 import pytest
-import torch
 from torch.distributions import StudentT
 
 import svi

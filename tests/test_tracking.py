@@ -12,7 +12,6 @@ from mlflow.tracking import MlflowClient
 
 import svi
 from svi.checkpoint import list_checkpoints
-from svi.models import _lpdf
 from svi.tracking import TrackingError
 from tests.mlflow_server import MlflowServer, free_port
 
