@@ -93,6 +93,30 @@ class Model:
         """Log-likelihood of each row of ``batch``, unscaled; returns ``(S, B)``."""
         raise NotImplementedError(f"{type(self).__name__} must implement log_likelihood(p, batch)")
 
+    def validate(self, batch: Mapping[str, torch.Tensor]) -> Mapping[str, tuple[torch.Tensor, str]]:
+        """Say which data values this model cannot take (optional; the default checks nothing).
+
+        The engine calls it on raw rows before any step sees them: once on in-memory data, and
+        on every Parquet row group as it is read (after the NaN check, before standardisation),
+        and stops with an error naming the file, row group, column, count and an example value.
+        Keep it vectorised: one elementwise pass per key.
+
+        Args:
+            batch: ``{key: tensor}`` with rows first; integer keys are int64, the rest floating.
+                A key may be absent (e.g. no ``y`` when predicting): check only keys present.
+
+        Returns:
+            ``{key: (invalid, rule)}``: ``invalid`` a bool tensor of ``batch[key]``'s shape (or
+            ``(B,)`` for whole rows), True where a value is not allowed; ``rule`` a phrase saying
+            what is allowed, e.g. ``"LogisticRegression: labels y must be 0 or 1"``.
+
+        Example:
+            >>> def validate(self, batch):
+            ...     y = batch.get("y")
+            ...     return {} if y is None else {"y": ((y != 0) & (y != 1), "labels y must be 0 or 1")}
+        """
+        return {}
+
     # --- helpers the engine uses --------------------------------------------------------
     @property
     def name(self) -> str:

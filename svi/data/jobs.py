@@ -150,17 +150,23 @@ def merge_moments(a: Mapping, b: Mapping) -> dict:
 
 
 def data_stats(source, use_cache: bool = True) -> dict[str, Any]:
-    """Full-data statistics of every mapped column in one pass with Dask, cached beside the data
-    fingerprint: per column n, mean, sd, min, max, null/NaN count; per integer key, counts per id.
+    """Full-data statistics of every mapped column in one pass with Dask, cached under the files'
+    identity (see :meth:`ParquetSource.cache_key`) and checked against the row count before use:
+    per column n, mean, sd, min, max, null/NaN count; per integer key, counts per id.
 
     Args:
         source: a :class:`svi.data.parquet.ParquetSource`.
     """
     import dask
 
-    cache = source.cache_dir / f"stats-{source.fingerprint()}.json"
-    if use_cache and cache.is_file():
-        return json.loads(cache.read_text())
+    from svi.data.parquet import load_cache, store_cache
+
+    key = source.cache_key("stats")
+    cache = source.cache_file("stats", key)
+    if use_cache:
+        stats = load_cache(cache, key, lambda s: _implausible_stats(s, source))
+        if stats is not None:
+            return stats
     parts = source._compute([dask.delayed(_unit_moments)(source, u) for u in source.units])
     columns: dict[str, dict] = {}
     groups: dict[str, dict[str, int]] = {}
@@ -177,7 +183,28 @@ def data_stats(source, use_cache: bool = True) -> dict[str, Any]:
         del c["m2"]
     stats = {"fingerprint": source.fingerprint(), "num_rows": source.num_rows, "columns": columns,
              "groups": {k: dict(sorted(v.items(), key=lambda kv: int(kv[0]))) for k, v in groups.items()}}
-    from svi.checkpoint import atomic_write_text
-
-    atomic_write_text(cache, json.dumps(stats))
+    store_cache(cache, key, stats)
     return stats
+
+
+def _implausible_stats(stats, source) -> str | None:
+    """What is wrong with cached statistics given the source's row count and columns, or None."""
+    if not isinstance(stats, dict) or not isinstance(stats.get("columns"), dict):
+        return "it holds no column statistics"
+    if stats.get("num_rows") != source.num_rows:
+        return f"it describes {stats.get('num_rows')!r} rows; the data have {source.num_rows}"
+    for key, (cols, _) in source.resolved.items():
+        for c in cols:
+            col = stats["columns"].get(c)
+            if not isinstance(col, dict):
+                return f"it has no statistics of column {c!r}"
+            n, nan, sd = col.get("n"), col.get("nan"), col.get("sd")
+            if type(n) is not int or type(nan) is not int or n < 0 or nan < 0 or n + nan != source.num_rows:
+                return f"it counts {n!r} values and {nan!r} NaN in column {c!r} of {source.num_rows} rows"
+            if not isinstance(sd, (int, float)) or not sd >= 0:
+                return f"it gives column {c!r} the sd {sd!r}"
+        if key in source.integer_keys:
+            groups = stats.get("groups", {}).get(key)
+            if not isinstance(groups, dict) or sum(v for v in groups.values() if type(v) is int) != source.num_rows:
+                return f"its group counts of key {key!r} do not add up to {source.num_rows} rows"
+    return None

@@ -9,12 +9,12 @@ ever gets an empty batch.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from svi.data.columns import DataError, resolve_columns
+from svi.data.columns import DataError, check_values, resolve_columns
 
 __all__ = ["InMemoryData", "MemoryStream", "epoch_bounds", "rank_slice", "to_batch_tensors"]
 
@@ -122,6 +122,8 @@ class InMemoryData:
         integer_keys: keys kept as int64 (group ids, counts).
         dtype: floating dtype of the other keys.
         nan_policy: ``"error"`` (default) or ``"drop"``.
+        validate: the model's value check (:meth:`svi.Model.validate`), run once on all rows;
+            ``None`` checks nothing.
     """
 
     def __init__(
@@ -132,12 +134,28 @@ class InMemoryData:
         integer_keys: Sequence[str] = (),
         dtype: torch.dtype = torch.float32,
         nan_policy: str = "error",
+        validate: Callable[[Mapping[str, torch.Tensor]], Mapping] | None = None,
     ):
         arrays = self._arrays(data, columns, keys)
         self.tensors, self.dropped_rows = to_batch_tensors(arrays, integer_keys, dtype, nan_policy, "the in-memory data")
         self.num_rows = next(iter(self.tensors.values())).shape[0]
         if self.num_rows == 0:
             raise DataError("the in-memory data has no rows" + (" left after dropping NaN rows" if self.dropped_rows else ""))
+        if validate is not None:
+            names = self._column_names(data, columns, keys)
+            check_values(validate, self.tensors, "the DataFrame" if names else "the in-memory data", names)
+
+    @staticmethod
+    def _column_names(data, columns, keys) -> dict[str, list[str]] | None:
+        """{key: DataFrame columns} so errors name the user's columns; None for a dict of arrays."""
+        try:
+            import pandas as pd
+        except ImportError:  # pragma: no cover - pandas is a dependency
+            return None
+        if not isinstance(data, pd.DataFrame):
+            return None
+        mapping = dict(columns) if columns else {k: k for k in (keys or data.columns)}
+        return {k: cols for k, (cols, _) in resolve_columns(mapping, [str(c) for c in data.columns]).items()}
 
     @staticmethod
     def _arrays(data, columns, keys) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from collections import deque
@@ -32,9 +33,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from svi.data.columns import DataError, resolve_columns
+from svi.data.columns import DataError, check_values, resolve_columns
 
-__all__ = ["ParquetSource", "ParquetStream", "Unit", "plan_epoch", "is_parquet_input", "list_parquet_files"]
+__all__ = ["ParquetSource", "ParquetStream", "Unit", "plan_epoch", "is_parquet_input", "list_parquet_files",
+           "load_cache", "store_cache"]
+
+log = logging.getLogger("svi")
 
 
 @dataclass(frozen=True)
@@ -129,13 +133,18 @@ class ParquetSource:
         row_filter: optional filter in pyarrow's DNF form, e.g. ``[("age", ">", 18)]``.
         scheduler: a Dask ``distributed`` scheduler address; ``None`` reads on local threads.
         storage_options: passed to fsspec.
-        cache_dir: where counts after a filter and full-data statistics are cached.
+        cache_dir: where counts after a filter and full-data statistics are cached, keyed by
+            each file's identity (path, size, modification time, a hash of its Parquet footer)
+            and checked against the metadata before use.
+        validate: the model's value check (:meth:`svi.Model.validate`), run on every row group
+            as it is read; ``None`` checks nothing.
     """
 
     def __init__(self, data, columns: Mapping[str, Any] | None = None, keys: Sequence[str] | None = None,
                  integer_keys: Sequence[str] = (), dtype: torch.dtype = torch.float32, nan_policy: str = "error",
                  row_filter: Sequence | None = None, scheduler: str | None = None,
-                 storage_options: Mapping | None = None, cache_dir: str | os.PathLike | None = None):
+                 storage_options: Mapping | None = None, cache_dir: str | os.PathLike | None = None,
+                 validate=None):
         if nan_policy not in ("error", "drop"):
             raise DataError(f"nan_policy must be 'error' or 'drop', got {nan_policy!r}")
         self.fs, self.files = list_parquet_files(data, storage_options)
@@ -145,7 +154,9 @@ class ParquetSource:
         self.row_filter = [tuple(f) for f in row_filter] if row_filter else None
         self.scheduler = scheduler
         self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "svi")
+        self.validate = validate
         self._client = None
+        self._footers: dict[str, str] = {}
         metas = [self._metadata(f) for f in self.files]
         first_schema = metas[0].schema.to_arrow_schema()
         mapping = dict(columns) if columns else {k: k for k in (keys or [])}
@@ -174,6 +185,8 @@ class ParquetSource:
     def _metadata(self, path: str) -> pq.FileMetaData:
         try:
             with self.fs.open(path, "rb") as f:
+                self._footers[path] = _footer_hash(f)  # same handle: no second open per file
+                f.seek(0)
                 return pq.ParquetFile(f).metadata
         except (OSError, pa.ArrowInvalid) as e:
             raise DataError(f"file {path} is not a readable Parquet file: {e}") from None
@@ -209,21 +222,57 @@ class ParquetSource:
         h.update(json.dumps([self.read_columns, self.row_filter, self.nan_policy], default=str).encode())
         return h.hexdigest()[:16]
 
+    def cache_key(self, kind: str) -> dict:
+        """What a cached result of ``kind`` (``"counts"``, ``"stats"``) depends on: each file's
+        identity (path, size, modification time, SHA-256 of its Parquet footer, which holds the
+        row-group layout and column statistics) and the reading settings. A file rewritten in
+        place, even to the same size and modification time, gets a new key."""
+        files = []
+        for f in self.files:
+            info = self.fs.info(f)
+            if _is_local(self.fs):
+                mtime: Any = os.stat(f).st_mtime_ns
+            else:
+                mtime = str(info.get("mtime", info.get("LastModified", info.get("ETag", ""))))
+            files.append([f, info.get("size"), mtime, self._footers.get(f) or self._footer_of(f)])
+        key = {"kind": kind, "version": 2, "files": files, "columns": self.read_columns,
+               "resolved": {k: cols for k, (cols, _) in self.resolved.items()},
+               "integer_keys": list(self.integer_keys), "row_filter": self.row_filter, "nan_policy": self.nan_policy}
+        return json.loads(json.dumps(key, default=str))  # as it reads back from JSON, to compare equal
+
+    def cache_file(self, kind: str, key: Mapping | None = None) -> Path:
+        """The cache file of ``kind`` for this data set and these settings."""
+        key = key if key is not None else self.cache_key(kind)
+        return self.cache_dir / f"{kind}-{_digest(key)[:20]}.json"
+
+    def _footer_of(self, path: str) -> str:
+        with self.fs.open(path, "rb") as f:
+            return _footer_hash(f)
+
     def _counts_after_filter(self) -> list[int]:
-        """Rows per unit after the filter and NaN drop: counted once with Dask, then cached."""
-        cache = self.cache_dir / f"counts-{self.fingerprint()}.json"
-        if cache.is_file():
-            counts = json.loads(cache.read_text())
-            if len(counts) == len(self.units):
-                return counts
+        """Rows per unit after the filter and NaN drop: counted once with Dask, then cached; a
+        cache that fails its checks is ignored with a warning and rewritten."""
+        key = self.cache_key("counts")
+        cache = self.cache_file("counts", key)
+
+        def plausible(counts) -> str | None:
+            if not isinstance(counts, list) or len(counts) != len(self.units):
+                return f"it holds {_length(counts)} counts for {len(self.units)} row groups"
+            for u, c in zip(self.units, counts):
+                if type(c) is not int or not 0 <= c <= u.rows:  # bool is not a count either
+                    return (f"it counts {c!r} rows in row group {u.row_group} of {self.files[u.file]}, "
+                            f"which holds {u.rows} rows")
+            return None
+
+        counts = load_cache(cache, key, plausible)
+        if counts is not None:
+            return counts
         import dask
 
         tasks = [dask.delayed(_count_unit)(self.files[u.file], u.row_group, self.read_columns, self.row_filter,
                                           self.nan_policy, self.fs) for u in self.units]
-        counts = list(self._compute(tasks))
-        from svi.checkpoint import atomic_write_text
-
-        atomic_write_text(cache, json.dumps(counts))
+        counts = [int(c) for c in self._compute(tasks)]
+        store_cache(cache, key, counts)
         return counts
 
     # --- reading ------------------------------------------------------------------------------
@@ -247,7 +296,7 @@ class ParquetSource:
         """Start reading one unit (rows permuted when ``shuffle_seed`` is given); the future's result
         is {key: numpy array}."""
         args = (self.files[unit.file], unit.row_group, self.read_columns, self.row_filter, self.nan_policy,
-                self.fs, self.resolved, self.integer_keys, shuffle_seed)
+                self.fs, self.resolved, self.integer_keys, shuffle_seed, self.validate)
         client = self.client()
         if client is not None:
             return client.submit(_read_unit, *args, pure=False)
@@ -306,6 +355,60 @@ class ParquetSource:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def _footer_hash(f) -> str:
+    """SHA-256 of a Parquet file's footer (its Thrift metadata), read from the end of file ``f``."""
+    length = f.seek(0, os.SEEK_END)
+    if length < 12:  # "PAR1" + footer length + "PAR1" at the least
+        raise pa.ArrowInvalid(f"a Parquet file has at least 12 bytes; this one has {length}")
+    f.seek(length - 8)
+    tail = f.read(8)
+    size = int.from_bytes(tail[:4], "little")
+    if tail[4:] != b"PAR1" or size > length - 12:
+        raise pa.ArrowInvalid("no Parquet footer (the file does not end in a footer length and PAR1)")
+    f.seek(length - 8 - size)
+    return hashlib.sha256(f.read(size)).hexdigest()
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _length(x) -> str:
+    return str(len(x)) if isinstance(x, list) else f"a {type(x).__name__}, not a list of"
+
+
+def load_cache(path: Path, key: Mapping, plausible) -> Any | None:
+    """The value cached in ``path`` when the file was written for ``key``, is intact (its
+    checksum matches) and ``plausible(value)`` finds nothing wrong (it returns None or says what
+    is wrong); else None, with a warning naming the file when one was there but failed."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        problem = f"it cannot be read ({e})"
+    else:
+        if not isinstance(record, dict) or record.get("key") != key:
+            problem = "it was written for other files or settings"
+        elif record.get("sha256") != _digest({"key": key, "value": record.get("value")}):
+            problem = "its contents do not match its checksum (edited or damaged)"
+        else:
+            problem = plausible(record["value"])
+    if problem is None:
+        return record["value"]
+    log.warning("ignoring the cache %s: %s; recomputing it", path, problem)
+    return None
+
+
+def store_cache(path: Path, key: Mapping, value) -> None:
+    """Write ``value`` with its key and a checksum, atomically (a reader sees one whole version)."""
+    from svi.checkpoint import atomic_write_text
+
+    value = json.loads(json.dumps(value))  # checksum the value exactly as it will read back
+    atomic_write_text(path, json.dumps({"key": key, "value": value,
+                                        "sha256": _digest({"key": key, "value": value})}))
 
 
 def _null_count(meta: pq.FileMetaData, column: str) -> int:
@@ -380,10 +483,11 @@ def _count_unit(path, row_group, columns, row_filter, nan_policy, fs) -> int:
 
 
 def _read_unit(path, row_group, columns, row_filter, nan_policy, fs, resolved, integer_keys,
-               shuffle_seed=None) -> dict[str, np.ndarray]:
+               shuffle_seed=None, validate=None) -> dict[str, np.ndarray]:
     """Read one row group into {batch key: array}: one column as a vector, several stacked into
-    a row-major matrix in the mapping's order; rows permuted when ``shuffle_seed`` is given
-    (in the reading thread or Dask worker, off the training loop)."""
+    a row-major matrix in the mapping's order; values checked by the model's ``validate`` hook;
+    rows permuted when ``shuffle_seed`` is given (all in the reading thread or Dask worker, off
+    the training loop)."""
     table = _read_table(path, row_group, columns, row_filter, fs)
     keep = None
     if nan_policy == "drop":
@@ -404,6 +508,9 @@ def _read_unit(path, row_group, columns, row_filter, nan_policy, fs, resolved, i
         if keep is None and nan_policy == "error" and value.dtype.kind == "f" and not np.isfinite(value).all():
             _bad_values(table, cols, path)  # one vectorised check; name the column only when it fails
         out[key] = value[keep] if keep is not None else value
+    if validate is not None:  # a whole row group is checked before any of its rows reaches a batch
+        check_values(validate, {k: torch.from_numpy(v) for k, v in out.items()}, f"file {path}, row group {row_group}",
+                     {k: cols for k, (cols, _) in resolved.items()})
     if shuffle_seed is not None:
         n = len(next(iter(out.values())))
         perm = np.random.default_rng(shuffle_seed).permutation(n)

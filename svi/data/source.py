@@ -13,17 +13,21 @@ from svi.data.parquet import ParquetSource, is_parquet_input
 __all__ = ["open_source", "standardize"]
 
 
-def open_source(data: Any, columns: Mapping[str, Any] | None, keys, integer_keys, dtype: torch.dtype, options):
+def open_source(data: Any, columns: Mapping[str, Any] | None, keys, integer_keys, dtype: torch.dtype, options,
+                validate=None):
     """An :class:`InMemoryData` for arrays and DataFrames; for Parquet, a :class:`ParquetSource`,
-    or the whole data set in memory when it has at most ``options.in_memory_rows`` rows."""
+    or the whole data set in memory when it has at most ``options.in_memory_rows`` rows.
+
+    ``validate`` is the model's value check (:meth:`svi.Model.validate`): run on all rows of
+    in-memory data at once, and on every Parquet row group as it is read."""
     if not is_parquet_input(data):
         return InMemoryData(data, columns, keys=keys, integer_keys=integer_keys, dtype=dtype,
-                            nan_policy=options.nan_policy)
+                            nan_policy=options.nan_policy, validate=validate)
     if options.standardize:
         raise_if_unknown(options.standardize, keys, integer_keys)
     source = ParquetSource(data, columns, keys=keys, integer_keys=integer_keys, dtype=dtype,
                            nan_policy=options.nan_policy, row_filter=options.row_filter, scheduler=options.scheduler,
-                           storage_options=options.storage_options, cache_dir=options.cache_dir)
+                           storage_options=options.storage_options, cache_dir=options.cache_dir, validate=validate)
     if source.num_rows > options.in_memory_rows:
         return source
     parts = list(source.chunks())
@@ -31,7 +35,7 @@ def open_source(data: Any, columns: Mapping[str, Any] | None, keys, integer_keys
     if not parts:
         raise DataError("the Parquet data has no rows")
     tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    memory = InMemoryData(tensors, keys=list(tensors), integer_keys=integer_keys, dtype=dtype)
+    memory = InMemoryData(tensors, keys=list(tensors), integer_keys=integer_keys, dtype=dtype)  # validated as read
     memory.dropped_rows = source.dropped_rows
     memory.resolved = source.resolved
     memory.fingerprint = source.fingerprint  # identify the files, not a hash of their content

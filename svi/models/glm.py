@@ -19,6 +19,12 @@ from svi.models import _lpdf
 __all__ = ["LinearRegression", "LogisticRegression", "PoissonRegression", "StudentTRegression"]
 
 
+def _binary_labels(model_name: str, batch) -> dict:
+    """The :meth:`svi.Model.validate` check of Bernoulli labels: ``y`` must be 0 or 1."""
+    y = batch.get("y")
+    return {} if y is None else {"y": ((y != 0) & (y != 1), f"{model_name}: labels y must be 0 or 1")}
+
+
 class _Regression(Model):
     batch_keys = ("x", "y")
 
@@ -84,6 +90,10 @@ class LogisticRegression(_Regression):
         logits = self.linear_predictor(p, batch["x"])
         return batch["y"] * logits - F.softplus(logits, threshold=40.0)  # Bernoulli(logits): y eta - log(1 + e^eta)
 
+    def validate(self, batch):
+        # y eta - log(1 + e^eta) is finite for any y, so a label of -1 or 0.3 would fit silently
+        return _binary_labels(self.name, batch)
+
     def sample_obs(self, p, batch, generator=None):
         probs = torch.sigmoid(self.linear_predictor(p, batch["x"]))
         return torch.bernoulli(probs, generator=generator)
@@ -105,6 +115,15 @@ class PoissonRegression(_Regression):
         y = batch["y"]
         log_rate = self._log_rate(p, batch)
         return y * log_rate - log_rate.exp() - torch.lgamma(y + 1)
+
+    def validate(self, batch):
+        checks = {}
+        y, exposure = batch.get("y"), batch.get("exposure")
+        if y is not None:  # the density above is finite for y = -0.5 and for many negative y
+            checks["y"] = ((y < 0) | (y != torch.floor(y)), f"{self.name}: counts y must be integers >= 0")
+        if self.exposure and exposure is not None:
+            checks["exposure"] = (~(exposure > 0), f"{self.name}: exposure must be positive (its log is an offset)")
+        return checks
 
     def sample_obs(self, p, batch, generator=None):
         return torch.poisson(self._log_rate(p, batch).exp(), generator=generator)

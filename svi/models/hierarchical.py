@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from svi import constraints
 from svi.model import Model, Param
 from svi.models import _lpdf
+from svi.models.glm import _binary_labels
 
 __all__ = ["HierarchicalLinearRegression", "HierarchicalLogisticRegression"]
 
@@ -67,6 +68,14 @@ class _Hierarchical(Model):
 
     def log_prior(self, p):
         return self._hier_prior(p)
+
+    def validate(self, batch):
+        # torch indexing would read a negative id as a group counted from the end, silently
+        g = batch.get("g")
+        if g is None:
+            return {}
+        rule = f"{self.name}: group ids g must be integers from 0 to {self.n_groups - 1} (n_groups={self.n_groups})"
+        return {"g": ((g < 0) | (g >= self.n_groups), rule)}
 
     def linear_predictor(self, p, batch):
         """(S, B) linear predictor with each row's group effects."""
@@ -120,6 +129,9 @@ class HierarchicalLogisticRegression(_Hierarchical):
     def log_likelihood(self, p, batch):
         logits = self.linear_predictor(p, batch)
         return batch["y"] * logits - F.softplus(logits, threshold=40.0)
+
+    def validate(self, batch):
+        return {**super().validate(batch), **_binary_labels(self.name, batch)}
 
     def sample_obs(self, p, batch, generator=None):
         return torch.bernoulli(torch.sigmoid(self.linear_predictor(p, batch)), generator=generator)
