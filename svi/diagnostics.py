@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -115,27 +115,35 @@ def _float64(post: Posterior) -> Posterior:
 
     if post.family.frame_loc.dtype == torch.float64:
         return post
-    return Posterior(post.model, post.space, copy.deepcopy(post.family).double(), post.info)
+    return Posterior(post.model, post.space, copy.deepcopy(post.family).double(), post.info, post.model_spec)
 
 
 def diagnose(uri_or_post: Any, data: Any = None, columns: Mapping | None = None, num_draws: int = 1000,
-             seed: int = 0, tracking_uri: str | None = None, log_to_run: bool = True) -> Diagnosis:
+             seed: int = 0, tracking_uri: str | None = None, log_to_run: bool = True, model: Any = None,
+             trust: Sequence[str] = ()) -> Diagnosis:
     """Load a posterior (or take one), stream its full data set, and compute PSIS k-hat.
 
     The data default to what the posterior was fitted to (its ``info["data_path"]`` and
-    columns); the result is logged to the fit's MLflow run when it has one.
+    columns); the result is logged to the fit's MLflow run when it has one. The likelihood is
+    the model's: ``model`` when given, else the posterior's own when it has one, else rebuilt
+    from the file only for ``svi.models`` and modules in ``trust`` (see :mod:`svi.imports`).
     """
     from svi.data.source import open_source
     from svi.options import FitOptions
 
-    post = uri_or_post if isinstance(uri_or_post, Posterior) else load_posterior(uri_or_post, tracking_uri=tracking_uri)
+    post = uri_or_post if isinstance(uri_or_post, Posterior) else load_posterior(
+        uri_or_post, model=model, tracking_uri=tracking_uri, trust=trust)
+    if model is not None and post.model is None:
+        post.model = model
+    the_model = post.require_model("PSIS k-hat on data")
     data = data if data is not None else post.info.get("data_path")
     if data is None:
         raise ValueError("this posterior does not record its data set; pass data= (a Parquet path, dict or DataFrame)")
     columns = columns if columns is not None else post.info.get("columns")
     dtype = torch.float64
-    source = open_source(data, columns, post.model.batch_keys, post.model.integer_keys, dtype,
-                         FitOptions(in_memory_rows=0) if isinstance(data, (str,)) else FitOptions())
+    source = open_source(data, columns, the_model.batch_keys, the_model.integer_keys, dtype,
+                         FitOptions(in_memory_rows=0) if isinstance(data, (str,)) else FitOptions(),
+                         validate=the_model.validate)
     try:
         result = psis(post, source.chunks(), num_draws, seed)
     finally:

@@ -2,14 +2,18 @@
 bijections. Sample it, summarise it, save it and load it back.
 
 On disk a posterior is a folder with ``posterior.safetensors`` (the family's
-tensors) and ``posterior.json`` (format version, family, model class and
-constructor arguments, parameter spec, fit information). Loading never
-unpickles anything.
+tensors) and ``posterior.json`` (format version, family, parameter names, shapes
+and constraints from svi's fixed vocabulary, the model's class path and
+constructor arguments as a record, fit information). The file describes the
+approximation completely: loading, sampling, summaries and ArviZ export run no
+model code and unpickle nothing. What needs the model's likelihood (prediction,
+PSIS on data) takes the model object from the caller, or rebuilds it from the
+recorded class path only when that class lies in ``svi.models`` or in a module
+the caller trusts (:mod:`svi.imports`).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
@@ -19,13 +23,14 @@ import numpy as np
 import torch
 
 from svi.families import Family, make_family
-from svi.model import Model, _jsonable
+from svi.imports import UntrustedModelError, import_model_class, is_trusted
+from svi.model import Model, ModelError, _jsonable
 from svi.transforms import ParamSpace, element_names
 
-__all__ = ["Posterior", "PosteriorFormatError", "FORMAT_VERSION", "load_posterior", "register_posterior",
+__all__ = ["Posterior", "PosteriorFormatError", "FORMAT_VERSION", "load_posterior",
            "save_mlflow_model"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: constraints as vocabulary entries (1 stored their repr; still read)
 
 
 class PosteriorFormatError(ValueError):
@@ -36,17 +41,37 @@ class Posterior:
     """q(theta): a Gaussian family over the unconstrained vector, mapped to constrained space.
 
     Args:
-        model: the model it was fitted to.
+        model: the model it was fitted to, or ``None`` for a posterior loaded without model code
+            (sampling, summaries and ArviZ export need none; :meth:`require_model` says what to do).
         space: the model's unconstrained space.
         family: the fitted family (z-space Gaussian).
         info: fit information (steps, convergence, options, ...), JSON-able.
+        model_spec: the model's recorded class path and arguments (defaults to ``model.spec()``).
     """
 
-    def __init__(self, model: Model, space: ParamSpace, family: Family, info: Mapping[str, Any] | None = None):
+    def __init__(self, model: Model | None, space: ParamSpace, family: Family, info: Mapping[str, Any] | None = None,
+                 model_spec: Mapping[str, Any] | None = None):
         self.model = model
         self.space = space
         self.family = family.eval()
         self.info = dict(info or {})
+        self.model_spec = dict(model_spec) if model_spec is not None else (model.spec() if model is not None else {})
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name if self.model is not None else self.model_spec.get("class", "?").rpartition(":")[2]
+
+    def require_model(self, purpose: str) -> Model:
+        """The model, or an error saying how to provide it (``purpose``: what needs it)."""
+        if self.model is None:
+            target = self.model_spec.get("class", "?")
+            module = target.partition(":")[0]
+            raise UntrustedModelError(
+                f"{purpose} needs the model's code ({target}), which svi does not import from a posterior file on its "
+                f"own: pass the model object (load_posterior(uri, model=...)), or trust its module "
+                f"(load_posterior(uri, trust=[{module!r}]); CLI --trust {module}; MLflow pyfunc "
+                f"SVI_TRUSTED_MODULES={module})")
+        return self.model
 
     # --- draws ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -122,8 +147,9 @@ class Posterior:
         """
         import pandas as pd
 
-        if not hasattr(self.model, "sample_obs"):
-            raise TypeError(f"{self.model.name} has no sample_obs(p, batch, generator) method, so it cannot predict")
+        model = self.require_model("prediction")
+        if not hasattr(model, "sample_obs"):
+            raise TypeError(f"{model.name} has no sample_obs(p, batch, generator) method, so it cannot predict")
         batch = self._prediction_batch(data, columns)
         rows = next(iter(batch.values())).shape[0]
         gen = torch.Generator().manual_seed(seed)
@@ -131,7 +157,7 @@ class Posterior:
         out = []
         for start in range(0, rows, chunk_rows):
             part = {k: v[start : start + chunk_rows] for k, v in batch.items()}
-            y = self.model.sample_obs(theta, part, generator=gen).double()  # (n, rows)
+            y = model.sample_obs(theta, part, generator=gen).double()  # (n, rows)
             q = torch.quantile(y, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64), dim=0)
             out.append(pd.DataFrame({"mean": y.mean(0), "sd": y.std(0), "q5": q[0], "q50": q[1], "q95": q[2]}))
         return pd.concat(out, ignore_index=True)
@@ -155,7 +181,7 @@ class Posterior:
             mapping = {k: columns.get(k, k) for k in keys}
             mapping = {k: v for k, v in mapping.items() if k != "y" or v in names}
             src = open_source(data, mapping, list(mapping), self.model.integer_keys, dtype,
-                              FitOptions(in_memory_rows=2**62))
+                              FitOptions(in_memory_rows=2**62), validate=self.model.validate)
             return dict(src.tensors)
         try:
             import pandas as pd
@@ -164,10 +190,11 @@ class Posterior:
         if pd is not None and isinstance(data, pd.DataFrame):
             mapping = {k: columns.get(k, k) for k in keys}
             mapping = {k: v for k, v in mapping.items() if not (k == "y" and isinstance(v, str) and v not in data)}
-            return dict(InMemoryData(data, mapping, integer_keys=self.model.integer_keys, dtype=dtype).tensors)
+            return dict(InMemoryData(data, mapping, integer_keys=self.model.integer_keys, dtype=dtype,
+                                     validate=self.model.validate).tensors)
         present = [k for k in keys if k in data]
         return dict(InMemoryData({k: data[k] for k in present}, integer_keys=self.model.integer_keys,
-                                 dtype=dtype).tensors)
+                                 dtype=dtype, validate=self.model.validate).tensors)
 
     # --- persistence ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -183,7 +210,7 @@ class Posterior:
             "size": self.family.size,
             "rank": getattr(self.family, "rank", None),
             "dtype": str(self.family.frame_loc.dtype).replace("torch.", ""),
-            "model": self.model.spec(),
+            "model": _jsonable(self.model_spec),
             "space": self.space.spec(),
             "info": _jsonable(self.info),
         }
@@ -197,9 +224,17 @@ class Posterior:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: Model | None = None) -> "Posterior":
-        """Load a folder written by :meth:`save` (or an MLflow model folder holding one); the model
-        is rebuilt from its class path and constructor arguments unless given."""
+    def load(cls, path: str | os.PathLike, model: Model | None = None, trust: Sequence[str] = ()) -> "Posterior":
+        """Load a folder written by :meth:`save` (or an MLflow model folder holding one).
+
+        The parameters and the family come from the files alone. The model object is ``model``
+        when given (checked against the saved parameters); else the recorded class is rebuilt when
+        it lies in ``svi.models`` or a module of ``trust``; else the posterior has no model
+        (sampling and summaries work; prediction says what to pass).
+
+        Raises:
+            PosteriorFormatError: a missing or damaged file, or one that does not match ``model``.
+        """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -214,51 +249,89 @@ class Posterior:
             meta = json.loads(meta_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PosteriorFormatError(f"{meta_file} is damaged (not valid JSON: {e})") from None
-        version = meta.get("format_version")
-        if version != FORMAT_VERSION:
+        if not isinstance(meta, dict) or meta.get("format_version") not in (1, FORMAT_VERSION):
+            version = meta.get("format_version") if isinstance(meta, dict) else None
             raise PosteriorFormatError(
-                f"{meta_file} has format_version {version!r}; this svi reads version {FORMAT_VERSION}. "
+                f"{meta_file} has format_version {version!r}; this svi reads versions 1 and {FORMAT_VERSION}. "
                 "Load it with the svi version that wrote it."
             )
         try:
             tensors = load_file(str(tensor_file))
         except (SafetensorError, OSError, ValueError) as e:
             raise PosteriorFormatError(f"{tensor_file} is damaged: {e}") from None
-        if model is None:
-            model = _rebuild_model(meta["model"])
-        space = ParamSpace(model.get_params(), model.name)
-        if space.spec() != meta["space"]:
-            raise PosteriorFormatError(f"model {model.name} does not match the parameters saved in {meta_file}")
-        family = make_family(meta["family"], meta["size"], dtype=getattr(torch, meta["dtype"]), rank=meta.get("rank") or 2)
+        model_spec = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+        if model is not None:  # the caller's model: its parameters must be the saved ones
+            space = ParamSpace(model.get_params(), model.name)
+            if not _same_params(space, meta.get("space")):
+                raise PosteriorFormatError(f"model {model.name} does not match the parameters saved in {meta_file}")
+        else:
+            try:
+                space = ParamSpace.from_spec(meta["space"], model_spec.get("class", "model"))
+            except (KeyError, TypeError, AttributeError, ModelError) as e:
+                raise PosteriorFormatError(f"{meta_file} does not describe its parameters with svi's vocabulary "
+                                           f"({e}); pass model= to load it") from None
+            model = _rebuild_model(model_spec, trust, meta_file)
+            if model is not None and not _same_params(ParamSpace(model.get_params(), model.name), meta["space"]):
+                raise PosteriorFormatError(f"model {model.name} does not match the parameters saved in {meta_file}")
+        if meta.get("size") != space.size or meta.get("family") not in ("meanfield", "fullrank", "lowrank") \
+                or meta.get("dtype") not in ("float32", "float64"):
+            raise PosteriorFormatError(f"{meta_file}: family {meta.get('family')!r} of size {meta.get('size')!r} and "
+                                       f"dtype {meta.get('dtype')!r} do not describe {space.size} parameters")
+        rank = meta.get("rank") or 2
+        family = make_family(meta["family"], meta["size"], dtype=getattr(torch, meta["dtype"]), rank=int(rank))
         try:
             family.load_state_dict(tensors)
         except RuntimeError as e:
             raise PosteriorFormatError(f"{tensor_file} does not hold a {meta['family']} family of size {meta['size']}: {e}") from None
-        return cls(model, space, family, meta.get("info", {}))
+        info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
+        return cls(model, space, family, info, model_spec=model_spec)
 
     def __repr__(self) -> str:
-        return f"Posterior({self.model.name}, family={self.family.name}, K={self.space.size})"
+        return f"Posterior({self.model_name}, family={self.family.name}, K={self.space.size})"
 
 
-def _rebuild_model(spec: Mapping[str, Any]) -> Model:
-    module_name, _, qualname = spec["class"].partition(":")
+def _same_params(space: ParamSpace, saved: Any) -> bool:
+    """Whether ``space`` has the parameters a posterior file describes (format 1 stored constraints' repr)."""
+    if not isinstance(saved, dict) or list(saved) != list(space.names):
+        return False
+    mine = space.spec()
+    for b in space.blocks:
+        entry = saved[b.name]
+        if not isinstance(entry, dict) or list(entry.get("shape", [])) != list(b.shape):
+            return False
+        c = entry.get("constraint")
+        if (repr(b.constraint) if isinstance(c, str) else mine[b.name]["constraint"]) != c:
+            return False
+    return True
+
+
+def _rebuild_model(spec: Mapping[str, Any], trust: Sequence[str], meta_file: Path) -> Model | None:
+    """The recorded model when its class is trusted (svi.models, ``trust``), else ``None``."""
+    target = spec.get("class")
+    if not isinstance(target, str) or not is_trusted(target.partition(":")[0], trust):
+        return None
     try:
-        obj = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise PosteriorFormatError(
-            f"cannot import the model class {spec['class']!r} ({e}); make it importable or pass model= to load"
-        ) from None
+        cls = import_model_class(target, trust, named_in=str(meta_file))
+    except UntrustedModelError as e:
+        raise PosteriorFormatError(str(e)) from None
+    except Exception as e:  # a trusted module that fails to import: say which
+        raise PosteriorFormatError(f"cannot import the model class {target!r} ({type(e).__name__}: {e})") from None
+    args, kwargs = spec.get("args", []), spec.get("kwargs", {})
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise PosteriorFormatError(f"{meta_file}: the model's recorded arguments are malformed")
     try:
-        return obj(*spec.get("args", []), **spec.get("kwargs", {}))
-    except Exception as e:  # the user's constructor: report whatever it raised
-        raise PosteriorFormatError(f"rebuilding {spec['class']} with its saved arguments failed: {e}") from None
+        return cls(*args, **kwargs)
+    except Exception as e:  # the constructor of a trusted class: report whatever it raised
+        raise PosteriorFormatError(f"rebuilding {target} with its saved arguments failed: {e}") from None
 
 
 # --- URIs and MLflow ---------------------------------------------------------------------------
-def load_posterior(uri: str | os.PathLike, model: Model | None = None, tracking_uri: str | None = None) -> Posterior:
+def load_posterior(uri: str | os.PathLike, model: Model | None = None, tracking_uri: str | None = None,
+                   trust: Sequence[str] = ()) -> Posterior:
     """Load a posterior from a folder, ``runs:/<run_id>/posterior`` or ``models:/<name>/<version>``.
+
+    ``model`` and ``trust`` are as in :meth:`Posterior.load`: no model code named in the file is
+    imported unless it lies in ``svi.models`` or a module of ``trust``.
 
     Raises:
         PosteriorFormatError: for an unknown URI scheme, a missing run or model, or a damaged file.
@@ -271,12 +344,12 @@ def load_posterior(uri: str | os.PathLike, model: Model | None = None, tracking_
             local = mlflow.artifacts.download_artifacts(artifact_uri=text, tracking_uri=tracking_uri)
         except Exception as e:  # MLflow raises many kinds for a missing run, model or artifact
             raise PosteriorFormatError(f"cannot fetch {text} from MLflow: {type(e).__name__}: {e}") from None
-        return Posterior.load(local, model=model)
+        return Posterior.load(local, model=model, trust=trust)
     if "://" in text or (":" in text.split("/")[0] and not os.path.exists(text)):
         raise PosteriorFormatError(
             f"unknown posterior URI {text!r}: use a folder, runs:/<run_id>/posterior or models:/<name>/<version>"
         )
-    return Posterior.load(text, model=model)
+    return Posterior.load(text, model=model, trust=trust)
 
 
 def save_mlflow_model(post: Posterior, path: str | os.PathLike) -> Path:
@@ -334,16 +407,6 @@ class PyfuncPosterior:
 
 
 def _load_pyfunc(data_path: str) -> PyfuncPosterior:
-    """MLflow's entry point for the pyfunc flavour (``loader_module``)."""
+    """MLflow's entry point for the pyfunc flavour (``loader_module``). The model's code is imported
+    only from svi.models or the modules named in ``SVI_TRUSTED_MODULES``."""
     return PyfuncPosterior(Posterior.load(data_path))
-
-
-def register_posterior(tracker, name: str) -> str:
-    """Register the run's ``posterior`` artifact in the MLflow model registry; returns the version."""
-    client = tracker.client
-    try:
-        client.get_registered_model(name)
-    except Exception:  # not registered yet
-        client.create_registered_model(name)
-    mv = client.create_model_version(name, source=f"runs:/{tracker.run_id}/posterior", run_id=tracker.run_id)
-    return mv.version

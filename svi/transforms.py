@@ -290,14 +290,40 @@ class ParamSpace:
         return out
 
     def spec(self) -> dict:
-        return {
-            b.name: {
-                "shape": list(b.shape),
-                "unconstrained_shape": list(b.unconstrained_shape),
-                "constraint": repr(b.constraint),
-            }
-            for b in self.blocks
-        }
+        """Names, shapes and constraints as plain data (constraints from ``svi.constraints.to_spec``;
+        one outside that vocabulary is kept as ``{"name": "unknown", "repr": ...}``)."""
+        out = {}
+        for b in self.blocks:
+            try:
+                constraint = svi_constraints.to_spec(b.constraint)
+            except svi_constraints.ConstraintSpecError:
+                constraint = {"name": "unknown", "repr": repr(b.constraint)}
+            out[b.name] = {"shape": list(b.shape), "unconstrained_shape": list(b.unconstrained_shape),
+                           "constraint": constraint}
+        return out
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Mapping], model_name: str = "model") -> "ParamSpace":
+        """Rebuild a space from :meth:`spec` with no model code: every constraint from the vocabulary.
+        A format-1 spec (constraints as their ``repr``) is read too.
+
+        Raises:
+            ModelError: a malformed entry or a constraint outside the vocabulary.
+        """
+        params = {}
+        for name, entry in spec.items():
+            try:
+                c = entry["constraint"]
+                constraint = svi_constraints.from_repr(c) if isinstance(c, str) else svi_constraints.from_spec(c)
+                params[name] = Param(tuple(entry["shape"]), constraint)
+            except (KeyError, TypeError, svi_constraints.ConstraintSpecError) as e:
+                raise ModelError(f"parameter {name!r}: {e}") from None
+        space = cls(params, model_name)
+        for b in space.blocks:
+            if list(b.unconstrained_shape) != list(spec[b.name].get("unconstrained_shape", b.unconstrained_shape)):
+                raise ModelError(f"parameter {b.name!r}: unconstrained shape {spec[b.name]['unconstrained_shape']} "
+                                 f"does not match its constraint's {list(b.unconstrained_shape)}")
+        return space
 
 
 def element_names(name: str, shape: tuple[int, ...]) -> list[str]:

@@ -104,7 +104,7 @@ def test_bad_files_and_uris_are_clear_errors(fitted, tmp_path):
     meta = json.loads((folder / "posterior.json").read_text())
     meta["format_version"] = 99
     (folder / "posterior.json").write_text(json.dumps(meta))
-    with pytest.raises(PosteriorFormatError, match="format_version 99; this svi reads version 1"):
+    with pytest.raises(PosteriorFormatError, match="format_version 99; this svi reads versions 1 and 2"):
         load_posterior(folder)
     (folder / "posterior.json").write_text("{ not json")
     with pytest.raises(PosteriorFormatError, match="posterior.json is damaged"):
