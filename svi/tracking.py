@@ -2,25 +2,33 @@
 :class:`MLflowTracker` (rank 0 only).
 
 The MLflow tracker talks to the store through ``MlflowClient`` (no global active run).
-A server that cannot be reached at start is an error before any training. A server lost
-mid-run does not stop training: metrics are buffered and sent when it answers again;
-artifacts that fail are retried at the end; whatever still cannot be sent is written
-next to the checkpoints and the gap is reported.
+A server that cannot be reached at start is an error before any training. After that,
+every operation (metrics, params, tags, artifacts, model registration, the final status)
+goes through one background thread in order, so a lost or hung server never stalls a
+step: the thread retries every ``retry_seconds``. Artifacts are uploaded from files that
+stay on disk (the run's output folder), so nothing is lost while the client backs off.
+What is still unsent when the fit ends is written to ``unsent-mlflow-<run>.jsonl`` beside
+the checkpoints, and ``svi sync <folder>`` (or the next resume of the run) sends it and
+closes the run with its true status.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
+import threading
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Protocol, runtime_checkable
 
-__all__ = ["Tracker", "NullTracker", "MLflowTracker", "TrackingError", "flatten", "DEFAULT_TRACKING_URI"]
+__all__ = ["Tracker", "NullTracker", "MLflowTracker", "TrackingError", "RunNotFoundError", "flatten",
+           "DEFAULT_TRACKING_URI", "apply_op", "read_spool", "write_spool", "sync"]
 
 log = logging.getLogger("svi")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -28,6 +36,21 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used (unreachable server, bad URI)."""
+
+
+class RunNotFoundError(TrackingError):
+    """The store answers, but the run to continue is not in it (a new store, or the run was deleted).
+
+    Args:
+        message: what happened and what to do.
+        run_id: the run that was asked for.
+        tracking_uri: the store that was asked.
+    """
+
+    def __init__(self, message: str, run_id: str | None = None, tracking_uri: str | None = None):
+        super().__init__(message)
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
 
 
 @runtime_checkable
@@ -101,22 +124,26 @@ class MLflowTracker:
             ``MLFLOW_TRACKING_URI`` when ``None``, else the embedded default ``sqlite:///mlflow.db``.
         experiment: experiment name (created when missing).
         run_name: name of a new run.
-        run_id: continue this run instead (resume).
+        run_id: continue this run instead (resume); :class:`RunNotFoundError` when the store does
+            not hold it (told apart from a store that cannot be reached: :class:`TrackingError`).
         system_metrics: also log CPU/GPU/memory with MLflow's system metrics monitor.
         spool_dir: where unsent metrics are written if the server never comes back.
-        retry_seconds: after a failed send, wait this long before trying again.
+        retry_seconds: after a failed send, wait this long before trying again (in the background).
+        finish_wait: at the end, how long to wait for a lost server before spooling what is unsent.
         hold_metrics: keep metrics until :meth:`commit` (called after each checkpoint), so a run
             resumed from its last checkpoint never logs a step twice.
     """
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = "svi", run_name: str | None = None,
                  run_id: str | None = None, system_metrics: bool = False, spool_dir: str | os.PathLike | None = None,
-                 retry_seconds: float = 20.0, hold_metrics: bool = False):
+                 retry_seconds: float = 20.0, hold_metrics: bool = False, finish_wait: float = 30.0):
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         _quick_http_failures()
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        created = run_id is None
         try:
             exp = self.client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(experiment)
@@ -124,23 +151,32 @@ class MLflowTracker:
                 run = self.client.create_run(exp_id, run_name=run_name, tags=_default_tags())
                 run_id = run.info.run_id
             else:
-                self.client.get_run(run_id)
+                if self.client.get_run(run_id).info.lifecycle_stage == "deleted":
+                    raise RunNotFoundError(f"MLflow run {run_id} was deleted from the tracking store "
+                                           f"{self.tracking_uri!r}", run_id, self.tracking_uri)
                 self.client.update_run(run_id, status="RUNNING")
+        except RunNotFoundError:
+            raise
         except Exception as e:  # any failure of the store at start must stop the fit before training
+            if not created and isinstance(e, MlflowException) and e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                # the store answered "no such run" (SQL and file stores and a server alike): blaming the
+                # server or the URI would send the user the wrong way
+                raise RunNotFoundError(f"MLflow run {run_id} is not in the tracking store {self.tracking_uri!r}",
+                                       run_id, self.tracking_uri) from None
             raise TrackingError(
                 f"cannot use the MLflow tracking store at {self.tracking_uri!r}: {type(e).__name__}: {e}. "
                 "Start the server, fix tracking_uri (or MLFLOW_TRACKING_URI), or turn tracking off."
             ) from None
         self.run_id = run_id
+        self.created = created  # this tracker started the run (a fresh fit, or a resume into a new run)
         self.experiment_id = exp_id
         self.spool_dir = Path(spool_dir) if spool_dir else None
         self.retry_seconds = retry_seconds
+        self.finish_wait = finish_wait
         self.hold_metrics = hold_metrics
         self._held: list = []
-        self._pending_metrics: list = []
-        self._pending_artifacts: list[tuple[str, str | None]] = []
-        self._failed_at: float | None = None
-        self._gaps: list[str] = []
+        self._sender = _Sender(self.client, run_id, self.tracking_uri, retry_seconds)
+        self._remove_when_sent: list[Path] = []
         self._monitor = None
         if system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -148,102 +184,261 @@ class MLflowTracker:
             self._monitor = SystemMetricsMonitor(run_id, tracking_uri=self.tracking_uri, resume_logging=True)
             self._monitor.start()
 
-    # --- sending with a buffer ----------------------------------------------------------------
-    def _try(self, fn, what: str) -> bool:
-        if self._failed_at is not None and time.monotonic() - self._failed_at < self.retry_seconds:
-            return False
-        try:
-            fn()
-        except Exception as e:  # a lost server: keep training, keep the data, try later
-            if self._failed_at is None:
-                warnings.warn(f"svi: MLflow at {self.tracking_uri} did not accept {what} ({type(e).__name__}); "
-                              "training goes on, metrics are kept and sent when it answers", RuntimeWarning,
-                              stacklevel=3)
-                self._gaps.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} lost ({type(e).__name__})")
-            self._failed_at = time.monotonic()
-            return False
-        if self._failed_at is not None:
-            self._gaps.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} back")
-            self._failed_at = None
-        return True
-
-    def _flush_metrics(self) -> bool:
-        while self._pending_metrics:
-            chunk = self._pending_metrics[:1000]
-            if not self._try(lambda: self.client.log_batch(self.run_id, metrics=chunk), "metrics"):
-                return False
-            del self._pending_metrics[: len(chunk)]
-        return True
-
+    # --- everything goes through the sender thread: training never waits for the server ----------
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
-        for i in range(0, len(items), 100):
-            chunk = items[i : i + 100]
-            self._try(lambda: self.client.log_batch(self.run_id, params=chunk), "params")
+        self._sender.put({"op": "params", "params": {k: str(v)[:6000] for k, v in flatten(params).items()}})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        new = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        new = [[k, float(v), now, int(step)] for k, v in metrics.items()]
         if self.hold_metrics:
             self._held += new
             return
-        self._pending_metrics += new
-        self._flush_metrics()
+        self._sender.put({"op": "metrics", "metrics": new})
 
     def commit(self) -> None:
         """Send the metrics held since the last checkpoint."""
-        self._pending_metrics += self._held
+        if self._held:
+            self._sender.put({"op": "metrics", "metrics": self._held})
         self._held = []
-        self._flush_metrics()
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
-        self._try(lambda: self.client.log_batch(self.run_id, tags=items), "tags")
+        self._sender.put({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        send = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
-        if not self._try(lambda: send(self.run_id, os.fspath(path), artifact_path), f"artifact {path}"):
-            self._pending_artifacts.append((os.fspath(path), artifact_path))
+        """Upload a local file or folder; it must stay in place until sent (or be spooled by path)."""
+        self._sender.put({"op": "artifact", "path": os.path.abspath(path), "artifact_path": artifact_path})
+
+    def register_model(self, name: str) -> None:
+        """Register the run's ``posterior`` artifact as a new version of model ``name`` (after it is sent)."""
+        self._sender.put({"op": "register", "name": name})
+
+    def remove_when_sent(self, folder: str | os.PathLike) -> None:
+        """Delete ``folder`` (a temporary home of artifacts) once everything has been sent."""
+        self._remove_when_sent.append(Path(folder))
+
+    def adopt_spool(self, folder: str | os.PathLike | None = None) -> int:
+        """Queue what an earlier process of this run spooled in ``folder`` (a resume sends it now);
+        the status it recorded is dropped, as the run goes on. Returns the number of operations."""
+        ops = []
+        for path in sorted(Path(folder or self.spool_dir or ".").glob(f"unsent-mlflow-{self.run_id}.jsonl")):
+            ops += [op for op in read_spool(path)[1] if op["op"] != "status"]
+            path.unlink()
+        for op in ops:
+            self._sender.put(op)
+        return len(ops)
 
     def finish(self, status: str = "FINISHED") -> None:
+        """Send what is held and the final status; wait up to ``finish_wait`` seconds for a lost
+        server, then write whatever is still unsent to ``unsent-mlflow-<run>.jsonl`` for ``svi sync``."""
         if self._monitor is not None:
             self._monitor.finish()
-        self._failed_at = None  # one more try for everything held back
-        self._pending_metrics += self._held
-        self._held = []
-        sent = self._flush_metrics()
-        retry, self._pending_artifacts = self._pending_artifacts, []
-        for path, ap in retry:
-            if not Path(path).exists():  # an older checkpoint rotated away while the server was gone
-                self._gaps.append(f"artifact {Path(path).name} not uploaded (removed locally before the server answered)")
-                continue
-            self._failed_at = None
-            self.log_artifact(path, ap)
-        if not sent or self._pending_artifacts:
-            self._spool()
-        self._failed_at = None
-        if self._gaps:
-            self.set_tags({"svi.tracking_gaps": "; ".join(self._gaps)[:5000]})
-        self._try(lambda: self.client.set_terminated(self.run_id, status), "run status")
+        self.commit()
+        self._sender.put({"op": "status", "status": status})
+        unsent = self._sender.close(self.finish_wait)
+        if unsent:
+            self._spool(unsent)
+            return
+        for folder in self._remove_when_sent:
+            shutil.rmtree(folder, ignore_errors=True)
 
-    def _spool(self) -> None:
+    def _spool(self, ops: list[dict]) -> None:
         target = self.spool_dir or Path(".")
-        target.mkdir(parents=True, exist_ok=True)
         f = target / f"unsent-mlflow-{self.run_id}.jsonl"
-        with open(f, "a") as out:
-            for m in self._pending_metrics:
-                out.write(json.dumps({"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}) + "\n")
-            for path, ap in self._pending_artifacts:
-                out.write(json.dumps({"artifact": path, "artifact_path": ap}) + "\n")
-        warnings.warn(f"svi: MLflow at {self.tracking_uri} stayed unreachable; {len(self._pending_metrics)} metrics and "
-                      f"{len(self._pending_artifacts)} artifacts are in {f} (the checkpoints are complete)",
-                      RuntimeWarning, stacklevel=2)
+        write_spool(f, self.run_id, self.tracking_uri, ops)
+        metrics = sum(len(op["metrics"]) for op in ops if op["op"] == "metrics")
+        artifacts = sum(op["op"] == "artifact" for op in ops)
+        warnings.warn(f"svi: MLflow at {self.tracking_uri} stayed unreachable; {metrics} metrics, {artifacts} artifacts "
+                      f"and the run's status are kept in {f} (the checkpoints and outputs are complete on disk). "
+                      f"Send them when the server is back with:  svi sync {target}", RuntimeWarning, stacklevel=2)
+
+
+class _Sender:
+    """A thread that applies tracking operations in order, retrying a lost server every
+    ``retry_seconds`` without blocking the caller (a hung server stalled training ~30 s per try).
+
+    Operations are plain JSON-able dicts (see :func:`apply_op`), so what is unsent at the end can
+    be spooled to disk and replayed by another process with the same code.
+    """
+
+    def __init__(self, client, run_id: str, tracking_uri: str, retry_seconds: float):
+        self.client, self.run_id, self.tracking_uri, self.retry_seconds = client, run_id, tracking_uri, retry_seconds
+        self.queue: collections.deque = collections.deque()
+        self.cond = threading.Condition()
+        self.closing = False
+        self.gave_up = False
+        self.lost = False
+        self.gaps: list[str] = []
+        self.thread = threading.Thread(target=self._run, name=f"svi-mlflow-{run_id[:8]}", daemon=True)
+        self.thread.start()
+
+    def put(self, op: dict) -> None:
+        with self.cond:
+            self.queue.append(op)
+            self.cond.notify_all()
+
+    def close(self, wait: float) -> list[dict]:
+        """Let the queue drain for up to ``wait`` seconds (retrying often); return what is left."""
+        deadline = time.monotonic() + wait
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+            while self.queue and time.monotonic() < deadline:
+                self.cond.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            self.gave_up = True
+            self.cond.notify_all()
+            left = list(self.queue)
+        self.thread.join(timeout=1.0)
+        if left and self.gaps and left[-1]["op"] == "status":  # the gaps go with the status, spooled or not
+            left.insert(len(left) - 1, {"op": "tags", "tags": {"svi.tracking_gaps": "; ".join(self.gaps)[:5000]}})
+        return left
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue and not self.closing:
+                    self.cond.wait()
+                if self.gave_up or not self.queue:
+                    return
+                op = self.queue[0]
+            if op["op"] == "status" and self.gaps:
+                op = {**op, "gaps": "; ".join(self.gaps)[:5000]}
+            if self._send(op):
+                with self.cond:
+                    if self.queue and self.queue[0]["op"] == op["op"]:
+                        self.queue.popleft()
+                    self.cond.notify_all()
+                continue
+            with self.cond:  # lost: try again later, sooner once the fit is ending
+                if not self.gave_up:
+                    self.cond.wait(timeout=min(2.0, self.retry_seconds) if self.closing else self.retry_seconds)
+
+    def _send(self, op: dict) -> bool:
+        try:
+            note = apply_op(self.client, self.run_id, op)
+        except Exception as e:  # a lost server: keep the operation, keep training, try later
+            if not self.lost:
+                self.lost = True
+                warnings.warn(f"svi: MLflow at {self.tracking_uri} did not accept {op['op']} ({type(e).__name__}); "
+                              "training goes on, everything is kept and sent when it answers", RuntimeWarning,
+                              stacklevel=2)
+                self.gaps.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} lost ({type(e).__name__})")
+            return False
+        if self.lost:
+            self.lost = False
+            self.gaps.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} back")
+        if note:
+            self.gaps.append(note)
+        return True
+
+
+def apply_op(client, run_id: str, op: Mapping[str, Any]) -> str | None:
+    """Send one tracking operation (``params``, ``metrics``, ``tags``, ``artifact``, ``register``,
+    ``status``) to MLflow; raises whatever MLflow raises. Returns a note for the run's gap tag."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    kind = op["op"]
+    if kind == "params":
+        items = [Param(k, v) for k, v in op["params"].items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(run_id, params=items[i : i + 100])
+    elif kind == "metrics":
+        items = [Metric(k, v, ts, step) for k, v, ts, step in op["metrics"]]
+        for i in range(0, len(items), 1000):
+            client.log_batch(run_id, metrics=items[i : i + 1000])
+    elif kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()])
+    elif kind == "artifact":
+        path = Path(op["path"])
+        if not path.exists():  # an older checkpoint rotated away before the server answered
+            return f"artifact {path.name} not uploaded (removed locally before the server answered)"
+        send = client.log_artifacts if path.is_dir() else client.log_artifact
+        send(run_id, os.fspath(path), op.get("artifact_path"))
+    elif kind == "register":
+        try:
+            client.get_registered_model(op["name"])
+        except Exception:  # not registered yet
+            client.create_registered_model(op["name"])
+        client.create_model_version(op["name"], source=f"runs:/{run_id}/posterior", run_id=run_id)
+    elif kind == "status":
+        if op.get("gaps"):
+            client.set_tag(run_id, "svi.tracking_gaps", op["gaps"])
+        client.set_terminated(run_id, op["status"])
+    else:
+        raise ValueError(f"unknown tracking operation {kind!r}")
+    return None
+
+
+# --- the spool: what a lost server did not get, replayed by `svi sync` or the next resume ------
+SPOOL_FORMAT = 1
+
+
+def write_spool(path: Path, run_id: str, tracking_uri: str, ops: list[dict]) -> None:
+    """Write ``ops`` after a header line naming the run and the store (atomically)."""
+    lines = [json.dumps({"svi_spool": SPOOL_FORMAT, "run_id": run_id, "tracking_uri": tracking_uri})]
+    lines += [json.dumps(op) for op in ops]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def read_spool(path: Path) -> tuple[dict, list[dict]]:
+    """(header, operations) of a spool file.
+
+    Raises:
+        TrackingError: a file that is not an svi spool.
+    """
+    try:
+        lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrackingError(f"{path} is not a readable svi spool file: {e}") from None
+    if not lines or not isinstance(lines[0], dict) or lines[0].get("svi_spool") != SPOOL_FORMAT:
+        raise TrackingError(f"{path} is not an svi spool file (no header line); it was not written by this svi")
+    ops = lines[1:]
+    if not all(isinstance(op, dict) and op.get("op") in _OPS for op in ops):
+        raise TrackingError(f"{path} holds an unknown operation; it was not written by this svi")
+    return lines[0], ops
+
+
+_OPS = {"params", "metrics", "tags", "artifact", "register", "status"}
+
+
+def sync(folder: str | os.PathLike, tracking_uri: str | None = None) -> list[tuple[str, int, str | None]]:
+    """Replay every ``unsent-mlflow-*.jsonl`` in ``folder`` into its run, closing the run with the
+    status it recorded. A file is removed once all of it is sent; when the server fails part way
+    the file keeps exactly what is still unsent, so running ``svi sync`` again never repeats a step.
+
+    Returns:
+        (run id, operations sent, final status or None) for each file.
+
+    Raises:
+        TrackingError: the store is still unreachable (nothing is lost), or a file is not a spool.
+    """
+    from mlflow.tracking import MlflowClient
+
+    _quick_http_failures()
+    done = []
+    files = sorted(Path(folder).glob("unsent-mlflow-*.jsonl"))
+    if not files:
+        raise TrackingError(f"{folder} holds no unsent-mlflow-*.jsonl file: nothing to send")
+    for path in files:
+        header, ops = read_spool(path)
+        uri = tracking_uri or header["tracking_uri"]
+        client = MlflowClient(uri)
+        status = None
+        for i, op in enumerate(ops):
+            try:
+                apply_op(client, header["run_id"], op)
+            except Exception as e:  # still lost: keep exactly the unsent part for the next try
+                write_spool(path, header["run_id"], header["tracking_uri"], ops[i:])
+                raise TrackingError(f"MLflow at {uri} did not accept run {header['run_id']}'s {op['op']} "
+                                    f"({type(e).__name__}: {e}); {len(ops) - i} operations stay in {path}: "
+                                    "run svi sync again when the server answers") from None
+            status = op.get("status", status)
+        path.unlink()
+        done.append((header["run_id"], len(ops), status))
+    return done
 
 
 def _default_tags() -> dict[str, str]:

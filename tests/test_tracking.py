@@ -2,17 +2,19 @@
 ``mlflow server`` on 127.0.0.1: metrics, params, artifacts, the posterior; an unreachable
 server at start and a server lost mid-run."""
 
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 import svi
 from svi.checkpoint import list_checkpoints
-from svi.tracking import TrackingError
+from svi.tracking import TrackingError, read_spool
 from tests.mlflow_server import MlflowServer, free_port
 
 
@@ -91,31 +93,75 @@ class ServerKiller(svi.models.LinearRegression):
         return super().log_likelihood(p, batch)
 
 
-def _losing_fit(model, server, folder):
+def _losing_fit(model, server, folder, wait=30.0):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         post = svi.fit(model, _data(), family="fullrank", tracking=True, tracking_uri=server.uri,
                        checkpoint_dir=str(folder), checkpoint_every=100, warm_start="none", max_steps=1200,
-                       tol_param=1e-9)
+                       tol_param=1e-9, tracking_wait=wait)
     return post, [str(w.message) for w in caught]
 
 
-def test_a_server_lost_mid_run_then_back_gets_every_metric(server, tmp_path):
+def _complete_run(client, run_id, post, uri):
+    """Every metric, every output artifact, the true status: the run as if the server never left."""
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "elbo")]
+    assert steps == list(range(100, 1201, 100))
+    assert {"posterior", "summary.csv", "elbo.png", "config.json", "checkpoints"} <= {a.path for a in
+                                                                                      client.list_artifacts(run_id)}
+    loaded = svi.load_posterior(f"runs:/{run_id}/posterior", tracking_uri=uri)
+    assert torch.equal(loaded.family.mean, post.family.mean)
+    assert "lost" in run.data.tags["svi.tracking_gaps"]
+
+
+def test_a_server_lost_mid_run_then_back_gets_everything(server, tmp_path):
+    # killed (kill -9) a third of the way in, back later: the outputs logged at the end wait on disk
     post, messages = _losing_fit(ServerKiller(server, stop_at=350, start_at=700), server, tmp_path / "ck")
     assert any("did not accept" in m for m in messages)
     assert post.info["steps"] == 1200
     assert list_checkpoints(tmp_path / "ck")[-1].name == "ckpt-000001200.pt"  # checkpoints stayed local
-    client = MlflowClient(server.uri)
-    steps = [m.step for m in client.get_metric_history(post.info["run_id"], "elbo")]
-    assert steps == list(range(100, 1201, 100))  # the buffered metrics arrived when the server came back
-    assert "lost" in client.get_run(post.info["run_id"]).data.tags["svi.tracking_gaps"]
+    _complete_run(MlflowClient(server.uri), post.info["run_id"], post, server.uri)
+    assert not list((tmp_path / "ck").glob("unsent-mlflow-*.jsonl"))
 
 
-def test_a_server_that_never_comes_back_leaves_the_metrics_on_disk(server, tmp_path):
-    # the module's server: this test runs last and leaves it stopped
-    post, messages = _losing_fit(ServerKiller(server, stop_at=350), server, tmp_path / "ck")
+def test_a_server_that_never_comes_back_is_synced_later(server, tmp_path):
+    post, messages = _losing_fit(ServerKiller(server, stop_at=350), server, tmp_path / "ck", wait=3.0)
     assert post.info["steps"] == 1200 and list_checkpoints(tmp_path / "ck")
     spool = list((tmp_path / "ck").glob("unsent-mlflow-*.jsonl"))
-    assert len(spool) == 1 and any("stayed unreachable" in m for m in messages)
-    unsent = pd.read_json(spool[0], lines=True)
-    assert set(unsent.dropna(subset=["key"]).query("key == 'elbo'")["step"]) >= {400, 800, 1200}
+    assert len(spool) == 1 and any("stayed unreachable" in m and "svi sync" in m for m in messages)
+    header, ops = read_spool(spool[0])
+    assert header["run_id"] == post.info["run_id"] and ops[-1] == {"op": "status", "status": "FINISHED"}
+    unsent = {step for op in ops if op["op"] == "metrics" for key, _, _, step in op["metrics"] if key == "elbo"}
+    assert unsent >= {400, 800, 1200}
+    assert {"posterior", "summary.csv"} <= {Path(op["path"]).name for op in ops if op["op"] == "artifact"}
+    assert MlflowClient(server.uri if server.proc else "sqlite:///" + str(server.folder / "store.db")).get_run(
+        post.info["run_id"]).info.status == "RUNNING"  # not a false "finished" while the outputs are missing
+    res = subprocess.run([sys.executable, "-m", "svi", "sync", str(tmp_path / "ck")], capture_output=True, text=True)
+    assert res.returncode == 2 and "run svi sync again" in res.stderr and spool[0].is_file()  # still down
+    server.start()
+    res = subprocess.run([sys.executable, "-m", "svi", "sync", str(tmp_path / "ck")], capture_output=True, text=True)
+    assert res.returncode == 0 and "status FINISHED" in res.stdout, res.stderr
+    assert not spool[0].exists()
+    _complete_run(MlflowClient(server.uri), post.info["run_id"], post, server.uri)
+
+
+def test_a_resumed_run_sends_what_an_outage_spooled(tmp_path):
+    from svi.tracking import MLflowTracker, write_spool
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first = MLflowTracker(uri, "spool", finish_wait=5)
+    (tmp_path / "out.txt").write_text("kept on disk while the server was away")
+    ops = [{"op": "metrics", "metrics": [["elbo", -5.0, 1, 100], ["elbo", -4.0, 2, 200]]},
+           {"op": "artifact", "path": str(tmp_path / "out.txt"), "artifact_path": None},
+           {"op": "status", "status": "FINISHED"}]
+    write_spool(tmp_path / f"unsent-mlflow-{first.run_id}.jsonl", first.run_id, uri, ops)
+    again = MLflowTracker(uri, "spool", run_id=first.run_id, spool_dir=tmp_path, finish_wait=5)
+    assert again.adopt_spool() == 2  # the recorded status is dropped: the run goes on
+    assert not list(tmp_path.glob("unsent-mlflow-*.jsonl"))
+    again.log_metrics({"elbo": -3.0}, 300)
+    again.finish("FINISHED")
+    client = MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(first.run_id, "elbo")] == [100, 200, 300]
+    assert [a.path for a in client.list_artifacts(first.run_id)] == ["out.txt"]
+    assert client.get_run(first.run_id).info.status == "FINISHED"
