@@ -12,21 +12,24 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 import torch
 
 from svi import distributed as dist
-from svi.checkpoint import CheckpointError, atomic_write_text, latest_checkpoint, save_checkpoint
+from svi.checkpoint import (JOB_FILE, CheckpointError, atomic_write_text, latest_checkpoint, remove_stale_temporaries,
+                            save_checkpoint)
 from svi.data.parquet import ParquetSource
 from svi.data.source import open_source, raise_if_unknown, standardize
 from svi.elbo import anchor_statistics
 from svi.model import Model, ModelError, check_model_outputs
 from svi.options import SAFE_TO_CHANGE, FitOptions
 from svi.posterior import Posterior
-from svi.tracking import MLflowTracker, NullTracker, Tracker
+from svi.tracking import MLflowTracker, NullTracker, RunNotFoundError, Tracker
 from svi.trainer import (FitContext, build_family, init_state, load_state_dict, search_stan_eta, state_dict, train)
 from svi.transforms import ParamSpace
 
@@ -64,6 +67,7 @@ def fit(
     *,
     columns: Mapping[str, Any] | None = None,
     tracker: Tracker | None = None,
+    job_yaml: str | None = None,
     **options: Any,
 ) -> Posterior:
     """Fit ``model`` to ``data`` by ADVI and return the posterior.
@@ -74,6 +78,9 @@ def fit(
         family: ``meanfield``, ``fullrank`` or ``lowrank``.
         columns: {batch key: column | [columns] | pattern} for DataFrame or Parquet data.
         tracker: where metrics go (default: MLflow when ``tracking=True``, else nowhere).
+        job_yaml: the job's config as YAML (``svi fit`` / ``svi resume``), written as ``job.yaml``
+            beside the checkpoints once a checkpoint found there has been checked compatible, so a
+            refused resume leaves the folder as it was.
         **options: any field of :class:`svi.options.FitOptions`.
     """
     opts = FitOptions.from_dict({"family": family, **options})
@@ -83,7 +90,7 @@ def fit(
     try:
         device = resolve_device(opts.device, world.local_rank)
         space = ParamSpace(model.get_params(), model.name)
-        source = open_source(data, columns, model.batch_keys, model.integer_keys, dtype, opts)
+        source = open_source(data, columns, model.batch_keys, model.integer_keys, dtype, opts, validate=model.validate)
         threads_before = torch.get_num_threads()
         torch.set_num_threads(_intra_op_threads(opts.threads, source))
         try:
@@ -92,7 +99,7 @@ def fit(
                 stats = standardize(source, opts.standardize, dtype)
                 if hasattr(model, "use_data_stats"):
                     model.use_data_stats(stats)
-            post = _fit(model, space, source, opts, dtype, device, tracker, world, columns)
+            post = _fit(model, space, source, opts, dtype, device, tracker, world, columns, job_yaml)
             clean = True
             return post
         finally:
@@ -113,21 +120,28 @@ def _intra_op_threads(requested: int | None, source) -> int:
     return max(1, current - 1) if streams_locally else current
 
 
-def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, columns=None) -> Posterior:
-    num_rows = source.num_rows
-    check_model(model, space, {k: v[: min(3, num_rows)] for k, v in source.sample(3, opts.seed).items()}, dtype)
-    batch = min(opts.batch_size or default_batch_size(num_rows), num_rows)
-    fingerprints = fingerprint_of(model, source.fingerprint())
-    ctx = FitContext(
-        model=model, space=space, options=opts, num_rows=num_rows, dtype=dtype, device=device,
-        eval_batch=_to(source.sample(opts.eval_rows, opts.seed + 11), device),
-        warm_batch=source.sample(opts.warm_start_rows, opts.seed + 13) if opts.warm_start != "none" else None,
-        rank=world.rank, world_size=world.world_size, world=world,
-    )
-    resume = _find_checkpoint(opts, world)
-    if resume is not None:
-        _check_compatible(resume[1], opts, fingerprints, world.world_size, resume[0])
-    tracker = tracker or _make_tracker(opts, world, resume)
+def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, columns=None,
+         job_yaml=None) -> Posterior:
+    # An error that one rank finds before training stops every rank with the same message, instead
+    # of leaving the others to die in their first collective (see dist.agreed).
+    with dist.agreed(world):
+        num_rows = source.num_rows
+        check_model(model, space, {k: v[: min(3, num_rows)] for k, v in source.sample(3, opts.seed).items()}, dtype)
+        batch = min(opts.batch_size or default_batch_size(num_rows), num_rows)
+        fingerprints = fingerprint_of(model, source.fingerprint())
+        ctx = FitContext(
+            model=model, space=space, options=opts, num_rows=num_rows, dtype=dtype, device=device,
+            eval_batch=_to(source.sample(opts.eval_rows, opts.seed + 11), device),
+            warm_batch=source.sample(opts.warm_start_rows, opts.seed + 13) if opts.warm_start != "none" else None,
+            rank=world.rank, world_size=world.world_size, world=world,
+        )
+        resume = _find_checkpoint(opts, world)
+        if resume is not None:
+            _check_compatible(resume[1], opts, fingerprints, world.world_size, resume[0])
+    with dist.agreed(world):  # a round of its own: a peer's failed check never leaves rank 0's new run open
+        tracker = tracker or _make_tracker(opts, world, resume)
+    if job_yaml and opts.checkpoint_dir and world.rank == 0:  # only now: a refused resume writes nothing
+        atomic_write_text(Path(opts.checkpoint_dir) / JOB_FILE, job_yaml)
     stream = _stream(source, batch, opts.seed, device, opts, world)
     try:
         if resume is None:
@@ -149,10 +163,10 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
                                trainable=dist.wrap(fam, world))
             load_state_dict(state, saved["ranks"][world.rank]["state"], stream)
             log.info("resumed from %s at step %d", path, state.step)
-        if resume is None:
+        if resume is None or getattr(tracker, "created", False):  # a new run: also on a resume into one
             tracker.log_params(_run_params(opts, model, space, fingerprints, num_rows, world))
             tracker.set_tags({"svi.checkpoint_dir": os.path.abspath(opts.checkpoint_dir) if opts.checkpoint_dir else ""})
-            job = Path(opts.checkpoint_dir or ".") / "job.yaml"
+            job = Path(opts.checkpoint_dir or ".") / JOB_FILE
             if opts.checkpoint_dir and job.is_file():  # lets `svi resume <run id>` rebuild the job elsewhere
                 tracker.log_artifact(str(job))
         checkpoint = _checkpointer(opts, fingerprints, world, tracker)
@@ -179,7 +193,7 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
 def check_model(model: Model, space: ParamSpace, rows: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
     """Call the model once with two particles on a few rows, checking shapes and keys."""
     z = space.initial_point(torch.float64).to(dtype)
-    z = torch.stack([z, z + 0.01])
+    z = torch.stack([z, z + 0.01]).requires_grad_(True)
     theta, _ = space.constrain(z)
     try:
         check_model_outputs(model, theta, rows)
@@ -188,6 +202,11 @@ def check_model(model: Model, space: ParamSpace, rows: Mapping[str, torch.Tensor
             f"{model.name}.log_likelihood read batch key {e.args[0]!r}, which the data does not provide; "
             f"the data has keys {sorted(rows)}. Declare batch_keys on the model and map the key to columns."
         ) from None
+    if not model.log_likelihood(theta, rows).requires_grad:
+        # ADVI follows the gradient of the likelihood: without one the fit would return the prior
+        raise ModelError(f"{model.name}.log_likelihood has no gradient with respect to the parameters: compute it "
+                         "with torch operations on the parameter tensors (no .item(), .detach(), .numpy() or "
+                         "torch.no_grad())")
 
 
 def _stream(source, batch_size, seed, device, opts, world):
@@ -202,6 +221,9 @@ def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, to
 
 
 def _find_checkpoint(opts: FitOptions, world):
+    if opts.checkpoint_dir and world.rank == 0:
+        for p in remove_stale_temporaries(opts.checkpoint_dir):
+            log.info("removed %s, left by a process that was killed while writing it", p)
     if opts.resume is False:
         return None
     found = latest_checkpoint(opts.checkpoint_dir)
@@ -220,7 +242,9 @@ def _check_compatible(saved: Mapping, opts: FitOptions, fingerprints: Mapping, w
     if saved["world_size"] != world_size:
         problems.append(f"world size {saved['world_size']} vs {world_size}: resume with the same number of processes")
     old, new = saved["options"], dataclasses.asdict(opts)
-    how_to_resume = {"resume", "force_resume", "checkpoint_dir"}  # these always differ on a resume
+    # these always differ on a resume; missing_run and tracking_wait only say what to do if the
+    # tracking store is gone, so they are neither compared nor required of older checkpoints
+    how_to_resume = {"resume", "force_resume", "checkpoint_dir", "missing_run", "tracking_wait"}
     differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in how_to_resume)
     unsafe = [k for k in differing if k not in SAFE_TO_CHANGE]
     if unsafe:
@@ -251,6 +275,8 @@ def _checkpointer(opts: FitOptions, fingerprints, world, tracker):
         if world.rank == 0:
             payload = {"format": 1, "options": dataclasses.asdict(opts), "fingerprints": fingerprints,
                        "world_size": world.world_size, "run_id": tracker.run_id,
+                       # the store of run_id: a resume against another store can say where the run is
+                       "tracking_uri": getattr(tracker, "tracking_uri", None),
                        "ranks": sorted(ranks, key=lambda r: r["rank"])}
             path = save_checkpoint(opts.checkpoint_dir, state.step, payload, keep=opts.keep_checkpoints)
             tracker.commit()  # the metrics up to this checkpoint: a resume will not repeat them
@@ -265,16 +291,46 @@ RUN_ID_FILE = "mlflow_run_id"
 
 def _make_tracker(opts: FitOptions, world, resume) -> Tracker:
     """MLflow on rank 0. A fit that resumes (or restarts under torchrun before its first
-    checkpoint) continues the run recorded beside its checkpoints."""
+    checkpoint) continues the run recorded beside its checkpoints.
+
+    When the store does not hold that run (a new tracking URI, a deleted ``mlflow.db``), the fit
+    says so in one line and continues in a new run there, tagged with the old run, its store and
+    the step it resumes from; with ``missing_run="error"`` it raises :class:`RunNotFoundError`.
+    """
     if not opts.tracking or world.rank != 0:
         return NullTracker()
     run_id = resume[1].get("run_id") if resume is not None else None
     marker = Path(opts.checkpoint_dir) / RUN_ID_FILE if opts.checkpoint_dir else None
     if run_id is None and marker is not None and opts.resume is not False and marker.is_file():
         run_id = marker.read_text().strip() or None
-    tracker = MLflowTracker(opts.tracking_uri, opts.experiment, opts.run_name, run_id=run_id,
-                            system_metrics=opts.system_metrics, spool_dir=opts.checkpoint_dir,
-                            hold_metrics=bool(opts.checkpoint_dir))
+    kw = dict(system_metrics=opts.system_metrics, spool_dir=opts.checkpoint_dir, hold_metrics=bool(opts.checkpoint_dir),
+              finish_wait=opts.tracking_wait)
+    try:
+        tracker = MLflowTracker(opts.tracking_uri, opts.experiment, opts.run_name, run_id=run_id, **kw)
+    except RunNotFoundError as e:
+        # checkpoints written before the store was recorded do not say where the run is
+        old_store = resume[1].get("tracking_uri") if resume is not None else None
+        source = f"checkpoint {resume[0]}" if resume is not None else f"{marker}"
+        if opts.missing_run == "error":
+            where = f" (in {old_store!r})" if old_store else ""
+            back = (f", or set tracking_uri to {old_store!r} to continue it there"
+                    if old_store and old_store != e.tracking_uri else "")
+            raise RunNotFoundError(f"{e}; {source} belongs to it{where}. Set missing_run='new' "
+                                   f"(tracking.missing_run=new in a job config) to continue in a new run in this "
+                                   f"store{back}", run_id, e.tracking_uri) from None
+        step = int(resume[1]["ranks"][0]["state"]["step"]) if resume is not None else 0
+        tracker = MLflowTracker(opts.tracking_uri, opts.experiment, opts.run_name, **kw)
+        password = urlsplit(old_store).password if old_store else None  # a tag is no place for a database password
+        tracker.set_tags({"svi.resumed_from_run": run_id, "svi.resumed_from_step": str(step),
+                          "svi.resumed_from_store": (old_store.replace(password, "***") if password else old_store)
+                          or "unknown"})
+        log.warning("%s (%s names it); continuing from step %d in a new run %s there, tagged "
+                    "svi.resumed_from_run", e, source, step, tracker.run_id)
+    if not tracker.created and opts.checkpoint_dir:  # the same run goes on: send what an outage left unsent
+        sent = tracker.adopt_spool(opts.checkpoint_dir)
+        if sent:
+            log.info("sending %d tracking operations that an earlier tracking outage left in %s", sent,
+                     opts.checkpoint_dir)
     if marker is not None:
         atomic_write_text(marker, tracker.run_id)
     return tracker
@@ -296,26 +352,35 @@ def _run_params(opts, model, space, fingerprints, num_rows, world) -> dict:
 
 def _log_outputs(post: Posterior, tracker: Tracker, opts: FitOptions) -> None:
     """Posterior, summary table, ELBO plot and config as run artifacts; the posterior registered
-    in the model registry when asked."""
-    if isinstance(tracker, NullTracker):
+    in the model registry when asked.
+
+    The files are written to the run's own folder first (``<checkpoint_dir>/outputs``, else a
+    temporary folder removed once everything is sent) and uploaded from there in the tracker's
+    background thread, so a tracking outage loses none of them: what is unsent is spooled by
+    path and ``svi sync`` uploads it later.
+    """
+    if not isinstance(tracker, MLflowTracker):
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        from svi.posterior import save_mlflow_model
+    from svi.posterior import save_mlflow_model
 
-        save_mlflow_model(post, tmp / "posterior")
-        tracker.log_artifact(str(tmp / "posterior"), "posterior")
-        post.summary().to_csv(tmp / "summary.csv")
-        tracker.log_artifact(str(tmp / "summary.csv"))
-        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(opts), indent=1, default=str))
-        tracker.log_artifact(str(tmp / "config.json"))
-        if post.info["history"]:
-            _elbo_plot(post.info["history"], tmp / "elbo.png")
-            tracker.log_artifact(str(tmp / "elbo.png"))
-    if opts.register_model and isinstance(tracker, MLflowTracker):
-        from svi.posterior import register_posterior
-
-        register_posterior(tracker, opts.register_model)
+    if opts.checkpoint_dir:
+        folder = Path(opts.checkpoint_dir) / "outputs"
+        shutil.rmtree(folder, ignore_errors=True)  # a resumed fit's outputs replace the earlier ones
+        folder.mkdir(parents=True)
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="svi-outputs-"))
+        tracker.remove_when_sent(folder)
+    save_mlflow_model(post, folder / "posterior")
+    tracker.log_artifact(str(folder / "posterior"), "posterior")
+    post.summary().to_csv(folder / "summary.csv")
+    tracker.log_artifact(str(folder / "summary.csv"))
+    (folder / "config.json").write_text(json.dumps(dataclasses.asdict(opts), indent=1, default=str))
+    tracker.log_artifact(str(folder / "config.json"))
+    if post.info["history"]:
+        _elbo_plot(post.info["history"], folder / "elbo.png")
+        tracker.log_artifact(str(folder / "elbo.png"))
+    if opts.register_model:
+        tracker.register_model(opts.register_model)
 
 
 def _elbo_plot(history, path: Path) -> None:

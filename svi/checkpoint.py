@@ -14,16 +14,19 @@ import hashlib
 import io
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["CheckpointError", "atomic_write_text", "temporary_name", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
+__all__ = ["JOB_FILE", "CheckpointError", "atomic_write_text", "temporary_name", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint", "remove_stale_temporaries",
            "CHECKPOINT_GLOB"]
 
 MAGIC = b"SVICKPT1"
+JOB_FILE = "job.yaml"  # the job's config beside its checkpoints, so `svi resume <folder>` can rebuild it
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.\d+\.tmp$")
 CHECKPOINT_GLOB = "ckpt-*.pt"
 
 
@@ -85,6 +88,11 @@ def save_checkpoint(folder: str | os.PathLike, step: int, state: dict[str, Any],
         if before_replace is not None:
             before_replace(tmp)
         os.replace(tmp, final)
+    except OSError as e:  # disk full, quota, permissions: the older checkpoints are untouched
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}. The earlier checkpoints in "
+                              f"{folder} are intact: free space (or fix permissions) and resume, or point "
+                              "checkpoint.dir elsewhere") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -131,6 +139,36 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} could not be read: {e}") from None
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that a killed process left in ``folder`` (see :func:`temporary_name`).
+
+    Only files whose writing process is gone are removed, so another live writer's file is safe.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _TEMPORARY.match(p.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     """Checkpoint files in ``folder``, oldest first."""
     folder = Path(folder)
@@ -140,13 +178,19 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that verifies, with its state (damaged newer ones are skipped)."""
+    """The newest checkpoint that verifies, with its state. A damaged newer one is skipped with a
+    warning naming it (the steps since the older one are redone)."""
     errors = []
     for path in reversed(list_checkpoints(folder)):
         try:
-            return path, load_checkpoint(path)
+            found = path, load_checkpoint(path)
         except CheckpointError as e:
             errors.append(str(e))
+            continue
+        for message in errors:
+            warnings.warn(f"skipping a damaged checkpoint: {message}; resuming from {path.name}", RuntimeWarning,
+                          stacklevel=2)
+        return found
     if errors:
         raise CheckpointError("no valid checkpoint in " + os.fspath(folder) + ": " + "; ".join(errors))
     return None

@@ -5,6 +5,7 @@
     svi summary runs/quickstart/posterior
     svi sample runs:/<run_id>/posterior -n 1000 -o draws.parquet
     svi diagnose runs/quickstart/posterior
+    svi sync runs/quickstart/checkpoints          (after a tracking outage)
 """
 
 from __future__ import annotations
@@ -65,17 +66,25 @@ def cmd_fit(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from svi.config import JOB_FILE, fit_config, load_config
+    from svi.config import JOB_FILE, ConfigError, fit_config, load_config
+
+    from svi.imports import UntrustedModelError, is_trusted
 
     target = Path(args.target)
-    if target.is_dir():
-        folder = target
-    else:
-        folder = _checkpoint_folder_of_run(args.target, args.tracking_uri)
+    remote = not target.is_dir()
+    folder = _checkpoint_folder_of_run(args.target, args.tracking_uri) if remote else target
     job = folder / JOB_FILE
     if not job.is_file():
-        raise SystemExit(f"svi resume: {job} does not exist; resume a checkpoint folder written by `svi fit`")
+        raise ConfigError(f"{job} does not exist; resume a checkpoint folder written by `svi fit`")
     cfg = load_config(job, [*args.overrides, f"checkpoint.dir={folder}", "resume=true"])
+    model_target = cfg.model.target
+    module = model_target.partition(":")[0]
+    if remote and not is_trusted(module, args.trust):
+        # job.yaml came from the tracking server (or a folder its run names): code it names is not ours to run
+        raise UntrustedModelError(
+            f"run {args.target}'s job.yaml names the model {model_target!r}; svi does not import code named by a "
+            f"tracking server on its own. If you trust it, rerun with --trust {module}")
+    print(f"resuming {folder}: model {model_target} from {job}", flush=True)
     post = fit_config(None, cfg=cfg)
     _print_fit_report(post, cfg)
     return 0
@@ -108,7 +117,7 @@ def cmd_summary(args) -> int:
 
     from svi.posterior import load_posterior
 
-    post = load_posterior(args.uri, tracking_uri=args.tracking_uri)
+    post = load_posterior(args.uri, tracking_uri=args.tracking_uri, trust=args.trust)
     with pd.option_context("display.max_rows", 200, "display.width", 120, "display.float_format", "{:.4g}".format):
         print(post.summary(n=args.draws, seed=args.seed))
     return 0
@@ -120,7 +129,7 @@ def cmd_sample(args) -> int:
     from svi.posterior import load_posterior
     from svi.transforms import element_names
 
-    post = load_posterior(args.uri, tracking_uri=args.tracking_uri)
+    post = load_posterior(args.uri, tracking_uri=args.tracking_uri, trust=args.trust)
     draws = post.sample(args.n, seed=args.seed)
     cols = {}
     for name, t in draws.items():
@@ -141,8 +150,16 @@ def cmd_diagnose(args) -> int:
     from svi.diagnostics import diagnose
 
     result = diagnose(args.uri, data=args.data, columns=json.loads(args.columns) if args.columns else None,
-                      num_draws=args.draws, seed=args.seed, tracking_uri=args.tracking_uri)
+                      num_draws=args.draws, seed=args.seed, tracking_uri=args.tracking_uri, trust=args.trust)
     print(result.report())
+    return 0
+
+
+def cmd_sync(args) -> int:
+    from svi.tracking import sync
+
+    for run_id, sent, status in sync(args.folder, args.tracking_uri):
+        print(f"run {run_id}: sent {sent} tracking operations" + (f"; status {status}" if status else ""))
     return 0
 
 
@@ -171,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     from svi.synthetic import MODELS
 
     ap = argparse.ArgumentParser(prog="svi", description="Distributed ADVI on PyTorch: fit, resume, inspect posteriors.")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("fit", help="run a job config", description="Run a job: make data if asked, fit, save.")
@@ -183,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="checkpoint folder (holding job.yaml) or MLflow run id")
     p.add_argument("overrides", nargs="*", help="key=value overrides (only keys safe to change, with force_resume=true)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store holding the run (default MLFLOW_TRACKING_URI)")
+    p.add_argument("--trust", action="append", default=[], metavar="MODULE",
+                   help="import the model class that a run's job.yaml names from this module (repeatable)")
     p.set_defaults(func=cmd_resume)
 
     for name, helptext in (("summary", "print a posterior summary"), ("sample", "write posterior draws"),
@@ -191,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("uri", help="posterior folder, runs:/<run_id>/posterior or models:/<name>/<version>")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--tracking-uri", default=None, help="MLflow store for runs:/ and models:/ URIs")
+        p.add_argument("--trust", action="append", default=[], metavar="MODULE",
+                       help="import the model class the posterior names from this module (repeatable); svi.models "
+                            "is always trusted, other model code is never imported from a file on its own")
         if name == "summary":
             p.add_argument("--draws", type=int, default=4000)
             p.set_defaults(func=cmd_summary)
@@ -203,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--columns", default=None, help="JSON mapping of batch keys to columns")
             p.add_argument("--draws", type=int, default=1000)
             p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("sync", help="send what a lost tracking server did not get",
+                       description="Replay the unsent-mlflow-*.jsonl files of a checkpoint folder into their MLflow "
+                                   "runs (metrics, artifacts, tags, the final status), then remove them.")
+    p.add_argument("folder", help="folder holding unsent-mlflow-*.jsonl (the fit's checkpoint folder)")
+    p.add_argument("--tracking-uri", default=None, help="send to this store instead of the one the file names")
+    p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser("data", help="data jobs: make | convert | stats", description="Data jobs.")
     dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="JOB")
@@ -247,6 +277,7 @@ def main(argv=None) -> int:
     from svi.checkpoint import CheckpointError
     from svi.config import ConfigError
     from svi.data.columns import DataError
+    from svi.imports import UntrustedModelError
     from svi.model import ModelError
     from svi.options import OptionsError
     from svi.posterior import PosteriorFormatError
@@ -254,12 +285,40 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     _setup_logging()
+    _quiet_warnings()
     try:
         return args.func(args)
     except (ConfigError, DataError, ModelError, OptionsError, CheckpointError, PosteriorFormatError,
-            TrackingError) as e:
+            TrackingError, UntrustedModelError) as e:
+        if args.debug:
+            raise
         print(f"svi {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions, a missing file: the system's words and the path
+        if args.debug:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"svi {args.cmd}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"svi {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # anything else: one line; the traceback with --debug
+        if args.debug:
+            raise
+        print(f"svi {args.cmd}: error: {type(e).__name__}: {e} (rerun with `svi --debug ...` for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _quiet_warnings() -> None:
+    """Warnings as one line each (``svi: warning: ...``), not Python's source-line format."""
+    import warnings
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        print(f"svi: warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = one_line
 
 
 if __name__ == "__main__":

@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from svi.checkpoint import JOB_FILE
 from svi.options import FitOptions, OptionsError
 
 __all__ = ["JobConfig", "ConfigError", "load_config", "fit_config", "build_model", "fit_options", "JOB_FILE"]
 
-JOB_FILE = "job.yaml"  # written beside the checkpoints so `svi resume <folder>` can rebuild the job
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,8 @@ class DataConfig:
 class TrackingConfig:
     enabled: bool = True
     uri: Optional[str] = None  # MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    missing_run: str = "new"  # a checkpoint's run not in this store: "new" run there, or "error"
+    wait: float = 30.0  # seconds the end of a fit waits for a lost server before spooling for `svi sync`
     experiment: str = "svi"
     run_name: Optional[str] = None
     system_metrics: bool = False
@@ -112,7 +115,8 @@ _FIT_KEYS = {f.name for f in dataclasses.fields(FitOptions)}
 _ELSEWHERE = {
     **{k: f"data.{k}" for k in ("row_filter", "scheduler", "standardize", "in_memory_rows", "shuffle_units", "prefetch",
                                 "nan_policy", "storage_options", "cache_dir")},
-    "tracking": "tracking.enabled", "tracking_uri": "tracking.uri", "experiment": "tracking.experiment",
+    "tracking": "tracking.enabled", "tracking_uri": "tracking.uri", "missing_run": "tracking.missing_run", "tracking_wait": "tracking.wait",
+    "experiment": "tracking.experiment",
     "run_name": "tracking.run_name", "system_metrics": "tracking.system_metrics",
     "register_model": "tracking.register_model", "checkpoint_dir": "checkpoint.dir",
     "checkpoint_every": "checkpoint.every", "keep_checkpoints": "checkpoint.keep", "resume": "resume (top level)",
@@ -148,7 +152,17 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
             p = Path(path)
             if not p.is_file():
                 raise ConfigError(f"config file {p} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(p))
+            try:
+                loaded = OmegaConf.load(p)
+            except yaml.YAMLError as e:  # broken YAML: say where, not a parser traceback
+                mark = getattr(e, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                raise ConfigError(f"config file {p} is not valid YAML{where}: "
+                                  f"{getattr(e, 'problem', None) or e}") from None
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"config file {p} must hold a mapping of keys (name:, model:, data:, ...), "
+                                  f"not a {type(loaded).__name__}")
+            merged = OmegaConf.merge(merged, loaded)
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(_normalise_overrides(overrides)))
         OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
     except ConfigError:
@@ -193,7 +207,9 @@ def fit_options(cfg: DictConfig) -> FitOptions:
         "shuffle_units": d.shuffle_units, "prefetch": d.prefetch, "nan_policy": d.nan_policy,
         "storage_options": OmegaConf.to_container(d.storage_options) if d.storage_options is not None else None,
         "cache_dir": d.cache_dir,
-        "tracking": t.enabled, "tracking_uri": t.uri, "experiment": t.experiment, "run_name": t.run_name,
+        "tracking": t.enabled, "tracking_uri": t.uri, "missing_run": t.missing_run, "tracking_wait": t.wait,
+        "experiment": t.experiment,
+        "run_name": t.run_name,
         "system_metrics": t.system_metrics, "register_model": t.register_model,
         "checkpoint_dir": c.dir, "checkpoint_every": c.every, "keep_checkpoints": c.keep,
         "resume": cfg.resume if c.dir else False,
@@ -217,6 +233,12 @@ def build_model(cfg: DictConfig):
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"config key 'model.target': cannot import {target!r} ({type(e).__name__}: {e}); "
                           "is the package installed or on PYTHONPATH?") from None
+    except SystemExit as e:  # a module that exits at import would end the job silently (exit 0)
+        raise ConfigError(f"config key 'model.target': importing {module_name!r} called sys.exit({e.code!r}); "
+                          "a model module must not exit when imported") from None
+    except Exception as e:  # the user's module raised at import: name it, not a traceback
+        raise ConfigError(f"config key 'model.target': importing {module_name!r} raised {type(e).__name__}: {e}; "
+                          "fix the module (run `python -c 'import {module_name}'` to see where)") from None
     args = OmegaConf.to_container(cfg.model.args, resolve=True)
     try:
         return obj(**args)
@@ -269,22 +291,15 @@ def fit_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), cf
     opts = fit_options(cfg)
     model = build_model(cfg)
     truth = ensure_data(cfg)
-    if opts.checkpoint_dir and _launch_rank() == 0:
-        _write_job_file(cfg, Path(opts.checkpoint_dir))
     columns = OmegaConf.to_container(cfg.data.columns, resolve=True) or None
-    post = svi.fit(model, cfg.data.path, columns=columns, **{k: v for k, v in dataclasses.asdict(opts).items()})
+    post = svi.fit(model, cfg.data.path, columns=columns, job_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+                   **dataclasses.asdict(opts))
     post.info["job"] = OmegaConf.to_container(cfg, resolve=True)
     post.info["truth"] = truth["truth"] if truth else None
     post.info["data_path"] = os.path.abspath(cfg.data.path)
     if cfg.output.posterior and _launch_rank() == 0:
         post.save(cfg.output.posterior)
     return post
-
-
-def _write_job_file(cfg: DictConfig, folder: Path) -> None:
-    from svi.checkpoint import atomic_write_text
-
-    atomic_write_text(folder / JOB_FILE, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def _launch_rank() -> int:

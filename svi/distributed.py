@@ -9,13 +9,16 @@ in a world of one.
 from __future__ import annotations
 
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
 
-__all__ = ["World", "setup", "teardown", "wrap", "all_mean", "all_min", "gather_object", "barrier", "broadcast_object"]
+__all__ = ["World", "setup", "teardown", "wrap", "all_mean", "all_min", "gather_object", "barrier", "broadcast_object",
+           "agreed", "PeerError"]
 
 
 @dataclass(frozen=True)
@@ -130,3 +133,59 @@ def broadcast_object(obj, world: World, src: int = 0):
 def barrier(world: World) -> None:
     if world.world_size > 1:
         torch_dist.barrier()
+
+
+class PeerError(RuntimeError):
+    """Another rank failed with an error whose type this rank cannot rebuild from its name."""
+
+
+@contextmanager
+def agreed(world: World):
+    """Run a block on every rank; an error raised in it on any rank is raised on every rank.
+
+    Without this, a rank that fails before training (say rank 0, the only one that opens the
+    tracking store) tears the group down while its peers wait in their first collective, and
+    they die with gloo's "Connection closed by peer" traceback instead of the reason. Here every
+    rank reports "ok" or its error in one all-gather; when any failed, all raise the error of the
+    lowest failing rank, rebuilt by type and message, so each prints the same line.
+
+    Every rank must enter the block, and nothing in it may call a collective (a rank that failed
+    before reaching it would never join). In a world of one this is a plain block.
+    """
+    if world.world_size <= 1:
+        yield
+        return
+    failure = None
+    try:
+        yield
+    except Exception as e:  # any error, known or not, must reach the peers
+        failure = e
+    mine = None if failure is None else (type(failure).__module__, type(failure).__qualname__, str(failure))
+    outcomes = gather_object(mine, world)  # plain strings: nothing a peer sends is unpickled as code
+    first = next((r for r, o in enumerate(outcomes) if o is not None), None)
+    if first is None:
+        return
+    # Every rank holds the outcomes now; one more meeting, so no rank destroys the group while a
+    # peer is still reading the gather from it.
+    barrier(world)
+    if first == world.rank:
+        raise failure
+    raise _rebuild(outcomes[first], first) from failure
+
+
+def _rebuild(outcome: tuple[str, str, str], rank: int) -> Exception:
+    """The error ``rank`` reported as ``(module, qualname, message)``: of the same type with the
+    same message when that type is already imported here and takes a message, else a
+    :class:`PeerError` naming the type. Nothing is imported by name (a peer's words are data)."""
+    module, qualname, message = outcome
+    cls = sys.modules.get(module)
+    for part in qualname.split("."):
+        cls = getattr(cls, part, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            err = cls(message)
+        except Exception:  # a constructor that wants other arguments
+            err = None
+        if err is not None and str(err) == message:
+            return err
+    return PeerError(f"rank {rank} failed before training: {qualname}: {message}")

@@ -31,7 +31,7 @@ from typing import Mapping
 import torch
 
 from svi.families import Family
-from svi.model import Model
+from svi.model import Model, ModelError
 from svi.transforms import ParamSpace
 
 __all__ = ["ElboEstimate", "ElboLoss", "DataAnchor", "elbo", "log_joint", "batch_size", "anchor_statistics"]
@@ -118,9 +118,20 @@ def log_joint(
     """Unconstrained log density parts at z (S, K): (log prior, scale * sum of log-lik over rows, log|det J|),
     each of shape (S,)."""
     theta, log_det = space.constrain(z)
-    lp = model.log_prior(theta)
-    ll = model.log_likelihood(theta, batch).sum(-1) * scale
-    return lp, ll, log_det
+    lp = _checked(model, "log_prior", model.log_prior(theta), (z.shape[0],))
+    ll = _checked(model, "log_likelihood", model.log_likelihood(theta, batch), (z.shape[0], batch_size(batch)))
+    return lp, ll.sum(-1) * scale, log_det
+
+
+def _checked(model: Model, method: str, value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``value`` when it has ``shape``. Checked on every call, not only the first: a model whose
+    output shape changes with the batch (a ragged last batch, a broadcast) would otherwise be
+    summed silently into a wrong ELBO. A shape comparison costs nothing beside the step."""
+    if tuple(value.shape) != shape:
+        raise ModelError(f"{model.name}.{method} returned shape {tuple(value.shape)} on a batch of "
+                         f"{shape[-1] if len(shape) > 1 else '?'} rows; expected {shape} "
+                         f"({'particles, rows' if len(shape) > 1 else 'particles'})")
+    return value
 
 
 def elbo(
@@ -202,8 +213,8 @@ def _anchored_log_joint(model, space, z, batch, scale, anchor: DataAnchor):
     z_hat = anchor.z.to(z.dtype)
     path = (z - z.detach()).mean(0, keepdim=True)
     theta, log_det = space.constrain(torch.cat([z, z_hat + path]))
-    lp = model.log_prior(theta)[:S]
-    rows = model.log_likelihood(theta, batch)
+    lp = _checked(model, "log_prior", model.log_prior(theta), (S + 1,))[:S]
+    rows = _checked(model, "log_likelihood", model.log_likelihood(theta, batch), (S + 1, batch_size(batch)))
     ll = rows[:S].sum(-1) * scale
     batch_at_anchor = rows[S].sum() * scale
     full_at_anchor = anchor.value.to(z.dtype) + (z - z_hat).mean(0) @ anchor.grad.to(z.dtype)

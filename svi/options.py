@@ -87,6 +87,11 @@ class FitOptions:
         force_resume: accept a checkpoint whose options differ, only in keys safe to change.
         tracking: log the fit to MLflow.
         tracking_uri: MLflow store; ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db`` when ``None``.
+        missing_run: what a resume does when the MLflow run of its checkpoint is not in the current
+            store (a new ``tracking_uri``, a deleted ``mlflow.db``): ``"new"`` continues in a new run
+            there, tagged ``svi.resumed_from_run`` / ``svi.resumed_from_store``; ``"error"`` refuses.
+        tracking_wait: seconds the end of a fit waits for a lost tracking server before writing what
+            is unsent to ``unsent-mlflow-<run>.jsonl`` for ``svi sync``.
         experiment, run_name: MLflow experiment and run names.
         system_metrics: also log MLflow system metrics (CPU, memory, GPU).
         register_model: register the fitted posterior in the MLflow model registry under this name.
@@ -145,6 +150,8 @@ class FitOptions:
     force_resume: bool = False
     tracking: bool = False
     tracking_uri: Optional[str] = None
+    missing_run: str = "new"
+    tracking_wait: float = 30.0
     experiment: str = "svi"
     run_name: Optional[str] = None
     system_metrics: bool = False
@@ -173,7 +180,7 @@ class FitOptions:
 SAFE_TO_CHANGE = frozenset({"max_steps", "log_every", "progress", "checkpoint_dir", "checkpoint_every",
                             "keep_checkpoints", "resume", "force_resume", "tracking", "tracking_uri", "experiment",
                             "run_name", "system_metrics", "register_model", "compile", "prefetch", "scheduler",
-                            "storage_options", "cache_dir", "threads"})
+                            "storage_options", "cache_dir", "threads", "missing_run", "tracking_wait"})
 
 STAN_ADVI = dict(warm_start="none", optimizer="stan", lr="auto", convergence="stan", stl=False, averaging=False,
                  antithetic=False, control_variate=False, init_scale=1.0)
@@ -239,6 +246,10 @@ def _check(o: FitOptions) -> None:
     if o.row_filter is not None and not (isinstance(o.row_filter, (list, tuple)) and all(
             isinstance(f, (list, tuple)) and len(f) == 3 for f in o.row_filter)):
         bad("row_filter", o.row_filter, "a list of [column, op, value] triples")
+    if isinstance(o.tracking_wait, bool) or not isinstance(o.tracking_wait, (int, float)) or o.tracking_wait < 0:
+        bad("tracking_wait", o.tracking_wait, "a non-negative number of seconds")
+    if o.missing_run not in ("new", "error"):
+        bad("missing_run", o.missing_run, "'new' (continue in a new run) or 'error'")
     if o.resume not in (True, False, "auto"):
         bad("resume", o.resume, "true, false or 'auto'")
     for key in ("checkpoint_every", "keep_checkpoints"):

@@ -79,7 +79,9 @@ def test_damaged_checkpoints_are_refused_whole(tmp_path):
     good.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(CheckpointError, match=r"ckpt-000000002\.pt is damaged \(checksum mismatch"):
         load_checkpoint(good)
-    path, state = latest_checkpoint(tmp_path)  # the damaged newest one is skipped
+    with pytest.warns(RuntimeWarning, match=r"skipping a damaged checkpoint.*ckpt-000000002\.pt.*resuming from "
+                                             r"ckpt-000000001\.pt"):
+        path, state = latest_checkpoint(tmp_path)  # the damaged newest one is skipped, loudly
     assert path.name == "ckpt-000000001.pt" and torch.equal(state["x"], torch.arange(5.0))
     flipped = bytearray(raw)
     flipped[-10] ^= 0xFF
