@@ -3,7 +3,8 @@
     python pipelines/make_synthetic.py data/logistic --model logistic --rows 10000000 \
         --features 50 --files 16 --row-group-size 65536
 
-The folder gets part-*.parquet and truth.json (true parameters and the columns mapping).
+The folder gets part-*.parquet; data/logistic.truth.json beside it holds the true parameters and
+the columns mapping (the folder holds data only, so any Parquet reader can read it whole).
 """
 
 import argparse

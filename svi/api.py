@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
@@ -29,7 +30,7 @@ from svi.elbo import anchor_statistics
 from svi.model import Model, ModelError, check_model_outputs
 from svi.options import SAFE_TO_CHANGE, FitOptions
 from svi.posterior import Posterior
-from svi.tracking import MLflowTracker, NullTracker, RunNotFoundError, Tracker
+from svi.tracking import MLflowTracker, NullTracker, RunNotFoundError, Tracker, fit_status_tags
 from svi.trainer import (FitContext, build_family, init_state, load_state_dict, search_stan_eta, state_dict, train)
 from svi.transforms import ParamSpace
 
@@ -138,6 +139,9 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
         resume = _find_checkpoint(opts, world)
         if resume is not None:
             _check_compatible(resume[1], opts, fingerprints, world.world_size, resume[0])
+        done = _finished_posterior(model, opts, resume) if resume is not None else None
+    if done is not None:  # a finished fit run again: nothing to do, no new steps, no new MLflow run
+        return done
     with dist.agreed(world):  # a round of its own: a peer's failed check never leaves rank 0's new run open
         tracker = tracker or _make_tracker(opts, world, resume)
     if job_yaml and opts.checkpoint_dir and world.rank == 0:  # only now: a refused resume writes nothing
@@ -173,6 +177,7 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
         result = train(ctx, state, stream, tracker, checkpoint)
         info = {
             "steps": result.steps, "converged": result.converged, "reason": result.reason,
+            "stop_reason": result.stop_reason,
             "warm_start": result.warm_start, "eta": result.eta, "nonfinite_steps": result.nonfinite_steps,
             "seconds": result.seconds, "num_rows": num_rows, "batch_size": batch,
             "dropped_rows": getattr(source, "dropped_rows", 0), "world_size": world.world_size,
@@ -181,6 +186,10 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
         }
         post = Posterior(model, space, result.family, info)
         if world.rank == 0:
+            _end_of_fit_khat(post, source, opts)
+            if opts.checkpoint_dir:  # what a finished job run again hands back (_finished_posterior)
+                post.save(Path(opts.checkpoint_dir) / FINISHED_POSTERIOR)
+            tracker.set_tags(fit_status_tags(post.info))
             _log_outputs(post, tracker, opts)
         tracker.finish("FINISHED")
         return post
@@ -248,12 +257,34 @@ def _check_compatible(saved: Mapping, opts: FitOptions, fingerprints: Mapping, w
     differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in how_to_resume)
     unsafe = [k for k in differing if k not in SAFE_TO_CHANGE]
     if unsafe:
-        problems.append("options differ: " + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in unsafe))
+        problems.append("options differ: " + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in unsafe)
+                        + " (these change the fit itself: start a new fit with resume=false, or use another "
+                          "checkpoint folder)")
     elif differing and not opts.force_resume:
         problems.append("options differ: " + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differing)
                         + " (safe to change: pass force_resume=true to accept)")
     if problems:
         raise CheckpointError(f"cannot resume from {path}: " + "; ".join(problems))
+
+
+FINISHED_POSTERIOR = "posterior"  # beside the checkpoints: the posterior of the fit that wrote them
+
+
+def _finished_posterior(model: Model, opts: FitOptions, resume) -> Posterior | None:
+    """The saved posterior when the newest checkpoint is the last one of a finished fit that these
+    options would not continue (more ``max_steps`` continue a fit that ran out of them); else None."""
+    path, saved = resume
+    reason, step = saved.get("finished"), int(saved["ranks"][0]["state"]["step"])
+    if not reason or (reason == "max_steps" and step < opts.max_steps):
+        return None
+    folder = Path(opts.checkpoint_dir) / FINISHED_POSTERIOR
+    if not (folder / "posterior.json").is_file():  # written by an older svi: resume as before
+        return None
+    post = Posterior.load(folder, model=model)
+    log.info("%s holds a finished fit (step %d, %s): nothing to do. resume=false starts a new fit; a fit that ran "
+             "out of max_steps continues with a larger max_steps", opts.checkpoint_dir, step,
+             "converged" if reason == "converged" else f"stopped: {reason}")
+    return post
 
 
 def _family_like(saved: Mapping, ctx: FitContext):
@@ -269,7 +300,7 @@ def _checkpointer(opts: FitOptions, fingerprints, world, tracker):
     if not opts.checkpoint_dir:
         return None
 
-    def checkpoint(state, stream, final: bool) -> None:
+    def checkpoint(state, stream, finished: str | None) -> None:
         mine = {"rank": world.rank, "state": state_dict(state, stream)}
         ranks = dist.gather_object(mine, world)  # rank 0 gets every rank's cursor and RNG state
         if world.rank == 0:
@@ -277,6 +308,7 @@ def _checkpointer(opts: FitOptions, fingerprints, world, tracker):
                        "world_size": world.world_size, "run_id": tracker.run_id,
                        # the store of run_id: a resume against another store can say where the run is
                        "tracking_uri": getattr(tracker, "tracking_uri", None),
+                       "finished": finished,  # why the fit stopped, on its last checkpoint; else None
                        "ranks": sorted(ranks, key=lambda r: r["rank"])}
             path = save_checkpoint(opts.checkpoint_dir, state.step, payload, keep=opts.keep_checkpoints)
             tracker.commit()  # the metrics up to this checkpoint: a resume will not repeat them
@@ -350,6 +382,23 @@ def _run_params(opts, model, space, fingerprints, num_rows, world) -> dict:
     }
 
 
+def _end_of_fit_khat(post: Posterior, source, opts: FitOptions) -> None:
+    """PSIS k-hat on ``opts.khat_rows`` rows into ``post.info``, warned about above 0.7."""
+    if not opts.khat_rows:
+        return
+    from svi.diagnostics import psis_on_rows
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one warning below, with advice, instead of the diagnostic's own
+        result = psis_on_rows(post, source, opts.khat_rows, seed=opts.seed + 31)
+    post.info["khat"] = result.khat
+    post.info["khat_rows"] = min(opts.khat_rows, source.num_rows)
+    if result.khat > 0.7:
+        warnings.warn(f"svi: PSIS k-hat = {result.khat:.2f} > 0.7: q is far from the posterior, do not trust its "
+                      "draws. Try family=fullrank; for a multilevel model, centered=True when its groups have much "
+                      "data each (the non-centred default suits groups with little)", RuntimeWarning, stacklevel=3)
+
+
 def _log_outputs(post: Posterior, tracker: Tracker, opts: FitOptions) -> None:
     """Posterior, summary table, ELBO plot and config as run artifacts; the posterior registered
     in the model registry when asked.
@@ -372,7 +421,7 @@ def _log_outputs(post: Posterior, tracker: Tracker, opts: FitOptions) -> None:
         tracker.remove_when_sent(folder)
     save_mlflow_model(post, folder / "posterior")
     tracker.log_artifact(str(folder / "posterior"), "posterior")
-    post.summary().to_csv(folder / "summary.csv")
+    post.summary().to_csv(folder / "summary.csv", float_format="%.6g")  # Monte Carlo error is far above 17 digits
     tracker.log_artifact(str(folder / "summary.csv"))
     (folder / "config.json").write_text(json.dumps(dataclasses.asdict(opts), indent=1, default=str))
     tracker.log_artifact(str(folder / "config.json"))

@@ -24,7 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from svi.checkpoint import JOB_FILE
-from svi.options import FitOptions, OptionsError
+from svi.options import FitOptions, OptionsError, suggest
 
 __all__ = ["JobConfig", "ConfigError", "load_config", "fit_config", "build_model", "fit_options", "JOB_FILE"]
 
@@ -131,9 +131,12 @@ def _normalise_overrides(overrides: Sequence[str]) -> list[str]:
             raise ConfigError(f"override {item!r} is not key=value (e.g. fit.family=fullrank)")
         key, value = item.split("=", 1)
         if "." not in key and key not in _SECTIONS:
-            if key not in _FIT_KEYS or key in _ELSEWHERE:
-                raise ConfigError(f"unknown key {key!r} in override {item!r}; top-level keys are "
-                                  f"{sorted(_SECTIONS)}, and fit options are {sorted(_FIT_KEYS)}")
+            if key in _ELSEWHERE:
+                raise ConfigError(f"override {item!r}: {key} is set as {_ELSEWHERE[key]} in a job config")
+            if key not in _FIT_KEYS:
+                known = (_SECTIONS | _FIT_KEYS) - set(_ELSEWHERE)
+                raise ConfigError(f"unknown key {key!r} in override {item!r}; "
+                                  f"{suggest(key, known, 'top-level keys and fit options')}")
             key = f"fit.{key}"
         out.append(f"{key}={value}")
     return out
@@ -179,15 +182,12 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
 
 
 def _allowed(full_key: str | None) -> str:
-    section = (full_key or "").split(".")[0]
-    cls = {f.name: f.type for f in dataclasses.fields(JobConfig)}.get(section)
+    parts = (full_key or "").split(".")
     sub = {"model": ModelConfig, "data": DataConfig, "tracking": TrackingConfig, "checkpoint": CheckpointConfig,
-           "output": OutputConfig}.get(section)
-    if sub is not None and full_key.count(".") >= 1:
-        return f"keys of {section!r} are {sorted(f.name for f in dataclasses.fields(sub))}"
-    if cls is None:
-        return f"top-level keys are {sorted(_SECTIONS)}"
-    return f"top-level keys are {sorted(_SECTIONS)}"
+           "output": OutputConfig}.get(parts[0])
+    if sub is not None and len(parts) >= 2:
+        return suggest(parts[-1], {f.name for f in dataclasses.fields(sub)}, f"keys of {parts[0]!r}")
+    return suggest(parts[0], _SECTIONS, "top-level keys")
 
 
 def fit_options(cfg: DictConfig) -> FitOptions:
@@ -195,7 +195,8 @@ def fit_options(cfg: DictConfig) -> FitOptions:
     fit = OmegaConf.to_container(cfg.fit, resolve=True)
     unknown = sorted(set(fit) - _FIT_KEYS)
     if unknown:
-        raise ConfigError(f"unknown config key 'fit.{unknown[0]}'; fit options are {sorted(_FIT_KEYS - set(_ELSEWHERE))}")
+        raise ConfigError(f"unknown config key 'fit.{unknown[0]}'; "
+                          f"{suggest(unknown[0], _FIT_KEYS - set(_ELSEWHERE), 'fit options')}")
     misplaced = sorted(set(fit) & set(_ELSEWHERE))
     if misplaced:
         raise ConfigError(f"config key 'fit.{misplaced[0]}' belongs in another section: {_ELSEWHERE[misplaced[0]]}")
@@ -209,7 +210,7 @@ def fit_options(cfg: DictConfig) -> FitOptions:
         "cache_dir": d.cache_dir,
         "tracking": t.enabled, "tracking_uri": t.uri, "missing_run": t.missing_run, "tracking_wait": t.wait,
         "experiment": t.experiment,
-        "run_name": t.run_name,
+        "run_name": t.run_name or cfg.name,  # the job's name, not MLflow's random one
         "system_metrics": t.system_metrics, "register_model": t.register_model,
         "checkpoint_dir": c.dir, "checkpoint_every": c.every, "keep_checkpoints": c.keep,
         "resume": cfg.resume if c.dir else False,
@@ -251,19 +252,20 @@ def ensure_data(cfg: DictConfig) -> dict | None:
     """Write the synthetic data set described by ``data.make`` when ``data.path`` is missing.
 
     Returns:
-        The data set's truth.json contents when the folder has one (synthetic data), else None.
+        The data set's truth (``<data.path>.truth.json``, synthetic data) when there is one, else None.
     """
+    from svi.data.jobs import truth_file as jobs_truth_file
     from svi.data.jobs import write_synthetic
 
     path = Path(cfg.data.path)
-    truth_file = path / "truth.json"
+    truth_file = jobs_truth_file(path)
     if cfg.data.make is not None and not truth_file.is_file():
         m = cfg.data.make
         if _launch_rank() == 0:
             print(f"making synthetic data: {m.rows:,} rows of {m.model} in {path} ...", flush=True)
             write_synthetic(path, m.model, m.rows, m.features, m.files, m.row_group_size, m.seed, m.groups,
                             m.components, m.varying_slopes, m.centered)
-        else:  # rank 0 writes; truth.json, written last, says the data set is complete
+        else:  # rank 0 writes; the truth file, written last, says the data set is complete
             deadline = time.monotonic() + float(os.environ.get("SVI_DIST_TIMEOUT", "300"))
             while not truth_file.is_file():
                 if time.monotonic() > deadline:

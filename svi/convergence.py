@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import median
 
 import torch
@@ -37,12 +37,22 @@ __all__ = ["StanConvergence", "PosteriorConvergence", "Decision", "IterateAverag
 
 @dataclass(frozen=True)
 class Decision:
-    """What a convergence rule decided at an evaluation point."""
+    """What a convergence rule decided at an evaluation point.
+
+    ``stop`` ends the fit; ``converged`` says whether the rule was met when it did. A rule that
+    gives up (``max_decays``) stops without converging, and the fit reports it as such.
+    """
 
     converged: bool = False
     decay: bool = False
     reason: str = ""
     diverging: bool = False
+    stop: bool = False
+    stats: dict = field(default_factory=dict)  # the rule's statistics, logged as metrics
+
+    def __post_init__(self):
+        if self.converged:
+            object.__setattr__(self, "stop", True)
 
 
 class StanConvergence:
@@ -190,15 +200,19 @@ class PosteriorConvergence:
             moved, rescaled = _rms(move), _rms(rescale)
             worst = max(move.max().item(), rescale.max().item())
             detail = f"means moved {moved:.3g} sd, sds changed {rescaled:.3g} (rms), worst {worst:.3g}"
+            stats = {"stop_mean_move_sd": moved, "stop_sd_change": rescaled, "stop_worst_change": worst,
+                     "stop_tolerance": self.tol_param, "stop_decays": float(self.decays)}
             if moved < self.tol_param and rescaled < self.tol_param and worst < 4 * self.tol_param:
-                return Decision(converged=True, reason=f"posterior stable: {detail}")
+                return Decision(converged=True, reason=f"posterior stable: {detail}", stats=stats)
             detail = "stall: " + detail
         else:
-            detail = "stall"
+            detail, stats = "stall", {}
         if self.decays >= self.max_decays:
-            return Decision(converged=True, reason=f"step size decayed {self.decays} times (max_decays); last {detail}")
+            # giving up is not converging: the posterior was still moving when the decays ran out
+            return Decision(stop=True, reason=f"gave up after {self.decays} step-size decays (max_decays) before "
+                                              f"the posterior was stable; last {detail}", stats=stats)
         self.decays += 1
-        return Decision(decay=True, reason=detail)
+        return Decision(decay=True, reason=detail, stats=stats)
 
     def state_dict(self) -> dict:
         return {

@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 
 from svi.families import FAMILIES
 
-__all__ = ["FitOptions", "OptionsError", "STAN_ADVI", "SAFE_TO_CHANGE"]
+__all__ = ["FitOptions", "OptionsError", "STAN_ADVI", "SAFE_TO_CHANGE", "suggest"]
 
 
 class OptionsError(ValueError):
@@ -74,6 +74,10 @@ class FitOptions:
         nonfinite_patience: consecutive non-finite steps before restoring the last good state.
         max_nonfinite_restores: restores (each halving the step size) before giving up.
         log_every: steps between tracked metrics.
+        khat_rows: PSIS k-hat (Yao et al., ICML 2018) at the end of the fit on this many rows: the
+            whole data set when it is no larger, else a uniform sample with a difference estimator
+            (``svi.diagnostics.psis_on_rows``); 0 turns it off. A k-hat above 0.7 is warned about
+            and tagged in MLflow.
         compile: compile the step with ``torch.compile`` (single process).
         threads: torch's intra-op threads during the fit. ``None``: torch's current setting
             (``OMP_NUM_THREADS``, else all cores), less one while Parquet is streamed through
@@ -140,6 +144,7 @@ class FitOptions:
     nonfinite_patience: int = 20
     max_nonfinite_restores: int = 5
     log_every: int = 100
+    khat_rows: int = 50_000
     compile: bool = False
     threads: Optional[int] = None
     progress: Union[bool, str] = "auto"
@@ -165,7 +170,7 @@ class FitOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise OptionsError(f"unknown option {unknown[0]!r}; known options are {', '.join(sorted(known))}")
+            raise OptionsError(f"unknown option {unknown[0]!r}; {suggest(unknown[0], known, 'known options')}")
         return cls(**values)
 
     def replace(self, **changes) -> "FitOptions":
@@ -175,12 +180,22 @@ class FitOptions:
         return dataclasses.asdict(self)
 
 
+def suggest(word: str, choices, what: str = "choices") -> str:
+    """``did you mean 'x'?`` when a choice is close to ``word`` (a typo), else the sorted list."""
+    import difflib
+
+    close = difflib.get_close_matches(word, sorted(choices), n=2, cutoff=0.75)
+    if close:
+        return "did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return f"{what} are {', '.join(sorted(choices))}"
+
+
 #: options that may differ between a checkpoint and the run resuming it (with force_resume): they
 #: change how long the fit runs or what it reports, not the trajectory it follows.
 SAFE_TO_CHANGE = frozenset({"max_steps", "log_every", "progress", "checkpoint_dir", "checkpoint_every",
                             "keep_checkpoints", "resume", "force_resume", "tracking", "tracking_uri", "experiment",
                             "run_name", "system_metrics", "register_model", "compile", "prefetch", "scheduler",
-                            "storage_options", "cache_dir", "threads", "missing_run", "tracking_wait"})
+                            "storage_options", "cache_dir", "threads", "missing_run", "tracking_wait", "khat_rows"})
 
 STAN_ADVI = dict(warm_start="none", optimizer="stan", lr="auto", convergence="stan", stl=False, averaging=False,
                  antithetic=False, control_variate=False, init_scale=1.0)
@@ -205,6 +220,8 @@ def _check(o: FitOptions) -> None:
     for key in ("shuffle_units", "prefetch", "rank", "max_steps", "num_particles", "window", "eval_elbo", "elbo_samples", "eval_rows",
                 "adapt_iter", "warm_start_rows", "warm_start_draws", "nonfinite_patience", "log_every"):
         positive_int(key)
+    if isinstance(o.khat_rows, bool) or not isinstance(o.khat_rows, int) or o.khat_rows < 0:
+        bad("khat_rows", o.khat_rows, "a non-negative integer (0 turns the end-of-fit k-hat off)")
     if o.batch_size is not None:
         positive_int("batch_size")
     if o.threads is not None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 __all__ = ["Tracker", "NullTracker", "MLflowTracker", "TrackingError", "RunNotFoundError", "flatten",
-           "DEFAULT_TRACKING_URI", "apply_op", "read_spool", "write_spool", "sync"]
+           "DEFAULT_TRACKING_URI", "apply_op", "read_spool", "write_spool", "sync", "fit_status_tags"]
 
 log = logging.getLogger("svi")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -439,6 +439,29 @@ def sync(folder: str | os.PathLike, tracking_uri: str | None = None) -> list[tup
         path.unlink()
         done.append((header["run_id"], len(ops), status))
     return done
+
+
+def fit_status_tags(info: Mapping[str, Any]) -> dict[str, str]:
+    """Tags that tell an unconverged or untrustworthy fit apart in the MLflow run list and run page:
+    ``svi.status`` (one word a run-list column can show), ``svi.converged``, ``svi.stop_reason``,
+    ``svi.khat`` and the run description (``mlflow.note.content``)."""
+    khat = info.get("khat")
+    trusted = khat is None or khat <= 0.7
+    if info["converged"] and trusted:
+        status = "converged"
+    elif info["converged"]:
+        status = "converged, k-hat high"
+    else:
+        status = "NOT converged" + ("" if trusted else ", k-hat high")
+    lines = [f"**{status}**: {info['reason']} ({info['steps']} steps)."]
+    if khat is not None:
+        verdict = "good" if khat < 0.5 else "fair" if khat <= 0.7 else "poor: do not trust the draws"
+        lines.append(f"PSIS k-hat {khat:.3f} on {info.get('khat_rows', '?')} rows ({verdict}).")
+    tags = {"svi.status": status, "svi.converged": str(bool(info["converged"])).lower(),
+            "svi.stop_reason": info["stop_reason"], "mlflow.note.content": "\n\n".join(lines)}
+    if khat is not None:
+        tags["svi.khat"] = f"{khat:.3f}"
+    return tags
 
 
 def _default_tags() -> dict[str, str]:

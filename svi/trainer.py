@@ -104,6 +104,7 @@ class TrainResult:
     steps: int
     converged: bool
     reason: str
+    stop_reason: str  # "converged", "max_decays" or "max_steps"
     history: list
     warm_start: str
     eta: float | None
@@ -284,12 +285,13 @@ def window_length(options: FitOptions, state: TrainState) -> int:
 
 
 def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker | None = None,
-          checkpoint: Callable[[TrainState, Any, bool], None] | None = None) -> TrainResult:
+          checkpoint: Callable[[TrainState, Any, str | None], None] | None = None) -> TrainResult:
     """Run steps until the convergence rule says stop or ``max_steps`` is reached.
 
     Args:
-        checkpoint: called as ``checkpoint(state, stream, final)`` every ``checkpoint_every``
-            steps and once at the end.
+        checkpoint: called as ``checkpoint(state, stream, None)`` every ``checkpoint_every`` steps
+            and as ``checkpoint(state, stream, stop_reason)`` once at the end, so the last
+            checkpoint says whether (and why) the fit finished.
     """
     o = ctx.options
     tracker = tracker or NullTracker()
@@ -330,23 +332,39 @@ def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker
                 state.cv_weights = control_variate_weights(ctx.all_mean(torch.stack(state.window_cv).double()))
                 state.window_cv = []
             decision = _end_of_window(ctx, state, values)
+            tracker.log_metrics({"elbo_window_mean": state.history[-1][1], **decision.stats}, state.step)
             window_end = state.step + window_length(o, state)
-            if decision.converged:
+            if decision.stop:
                 break
         if checkpoint is not None and state.step % o.checkpoint_every == 0:
-            checkpoint(state, stream, False)
+            checkpoint(state, stream, None)
     if progress is not None:
         progress.close()
     converged = decision.converged
-    reason = decision.reason if converged else f"reached max_steps={o.max_steps} before the convergence rule was met"
+    if converged:
+        stop_reason, reason = "converged", decision.reason
+    elif decision.stop:
+        stop_reason, reason = "max_decays", decision.reason
+    else:
+        stop_reason, reason = "max_steps", f"reached max_steps={o.max_steps} before the convergence rule was met"
     if checkpoint is not None:  # before the average below: a resume continues the trajectory itself
-        checkpoint(state, stream, True)
+        checkpoint(state, stream, stop_reason)
     if not converged:
-        warnings.warn(f"svi: {reason}; the result may not be the optimum (raise max_steps)", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"svi: NOT converged: {reason}; the result may not be the optimum. {_what_to_try(stop_reason)}",
+                      RuntimeWarning, stacklevel=2)
         if state.averager is not None and state.averager.phase_count:
             _load_params(state.family, state.averager.phase_average())
-    return TrainResult(state.family, state.step, converged, reason, state.history, state.warm_start, state.eta,
-                       state.nonfinite_total, time.perf_counter() - started)
+    return TrainResult(state.family, state.step, converged, reason, stop_reason, state.history, state.warm_start,
+                       state.eta, state.nonfinite_total, time.perf_counter() - started)
+
+
+def _what_to_try(stop_reason: str) -> str:
+    """The advice that goes with a fit that stopped without converging."""
+    if stop_reason == "max_steps":
+        return ("Try: raise max_steps (a resume continues from here); for a multilevel model, check whether its "
+                "groups are data-rich (centered=True) or data-poor (the non-centred default)")
+    return ("Try: raise max_decays, or a smaller lr; for a multilevel model, check whether its groups are data-rich "
+            "(centered=True) or data-poor (the non-centred default)")
 
 
 def _end_of_window(ctx: FitContext, state: TrainState, window_elbos: list[float]) -> Decision:

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 import svi
 from svi.checkpoint import list_checkpoints
 from svi.config import ConfigError, load_config
+from svi.options import FitOptions, OptionsError
 
 ROOT = Path(__file__).resolve().parents[1]
 SVI = [sys.executable, "-m", "svi"]
@@ -73,11 +74,14 @@ def test_every_example_config_runs_to_a_posterior(config, tmp_path, monkeypatch)
 def test_bad_configs_name_the_key_or_path(tmp_path):
     conf = ROOT / "conf" / "quickstart.yaml"
     cases = [
-        (["fit.famly=fullrank"], r"unknown config key 'fit.famly'"),
-        (["famly=fullrank"], r"unknown key 'famly' in override 'famly=fullrank'"),
+        (["fit.famly=fullrank"], r"unknown config key 'fit.famly'; did you mean 'family'\?$"),
+        (["famly=fullrank"], r"unknown key 'famly' in override 'famly=fullrank'; did you mean 'family'\?$"),
+        (["zzz=1"], r"unknown key 'zzz' in override 'zzz=1'; top-level keys and fit options are .*max_steps"),
+        (["tracking_uri=x"], r"override 'tracking_uri=x': tracking_uri is set as tracking.uri in a job config"),
         (["fit.max_steps=lots"], r"config key fit.max_steps='lots' is not allowed: a positive integer"),
         (["fit.family=gaussian"], r"config key fit.family='gaussian' is not allowed: one of meanfield"),
-        (["tracking.enabeld=false"], r"unknown config key 'tracking.enabeld'.*keys of 'tracking' are"),
+        (["tracking.enabeld=false"], r"unknown config key 'tracking.enabeld': did you mean 'enabled'\?"),
+        (["tracking.zzz=1"], r"unknown config key 'tracking.zzz': keys of 'tracking' are .*experiment"),
         (["checkpoint.every=often"], r"config key 'checkpoint.every'"),
         (["fit.checkpoint_dir=x"], r"config key 'fit.checkpoint_dir' belongs in another section: checkpoint.dir"),
         (["nonsense"], r"override 'nonsense' is not key=value"),
@@ -95,3 +99,52 @@ def test_bad_configs_name_the_key_or_path(tmp_path):
     assert bad_args.returncode == 2 and "config key 'model.args'" in bad_args.stderr
     helped = _run(["fit", "--help"], tmp_path)
     assert helped.returncode == 0 and "overrides" in helped.stdout
+    version = _run(["--version"], tmp_path)
+    assert version.returncode == 0 and version.stdout.strip() == f"svi {svi.__version__}"
+    with pytest.raises(OptionsError, match=r"unknown option 'max_step'; did you mean 'max_steps'"):
+        FitOptions.from_dict({"max_step": 3})
+
+
+def test_a_finished_job_run_again_does_nothing(tmp_path):
+    job = [str(ROOT / "conf/quickstart.yaml"), f"data.path={tmp_path}/data", "data.make.rows=20000",
+           "data.make.files=2", "data.make.row_group_size=5000", f"checkpoint.dir={tmp_path}/ck",
+           f"output.posterior={tmp_path}/post", "batch_size=512", "tracking.experiment=rerun"]
+    first = _run(["fit", *job], tmp_path)
+    assert first.returncode == 0 and "converged" in first.stdout, first.stderr
+    assert not list((tmp_path / "data").glob("*.json"))  # data folders hold data only
+    assert pd.read_parquet(tmp_path / "data").shape[0] == 20000 and (tmp_path / "data.truth.json").is_file()
+    checkpoints = [p.name for p in list_checkpoints(tmp_path / "ck")]
+    again = _run(["fit", *job], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "holds a finished fit" in again.stdout and "nothing to do" in again.stdout
+    assert [p.name for p in list_checkpoints(tmp_path / "ck")] == checkpoints  # not one more step
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("rerun").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_name == "quickstart"  # the same run, named after the job
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "elbo")]
+    assert steps == sorted(set(steps))  # and not extended
+    smoothed = client.get_metric_history(runs[0].info.run_id, "elbo_window_mean")
+    assert len(smoothed) >= 2 and "stop_mean_move_sd" in runs[0].data.metrics
+    same = pd.read_csv(tmp_path / "ck" / "outputs" / "summary.csv", index_col=0)
+    assert len(f"{same.iloc[0]['sd']}".replace("0.", "").lstrip("0")) <= 7  # rounded, not 17 digits
+    fresh = _run(["fit", *job, "resume=false"], tmp_path)  # resume=false: a new fit in a new run
+    assert fresh.returncode == 0 and "holds a finished fit" not in fresh.stdout, fresh.stderr
+    assert len(client.search_runs([client.get_experiment_by_name("rerun").experiment_id])) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["hierarchical.yaml", "hierarchical_sparse.yaml"])
+def test_the_shipped_hierarchical_configs_converge_and_cover_the_truth(config, tmp_path, monkeypatch):
+    # the configs as shipped (data size included): every hyper-parameter and group effect within 3 sd
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    post = svi.fit_config(ROOT / "conf" / config, [f"data.path={tmp_path}/data", f"checkpoint.dir={tmp_path}/ck",
+                                                   f"output.posterior={tmp_path}/post", "tracking.enabled=false"])
+    assert post.info["converged"], post.info["reason"]
+    table = post.summary(n=4000)
+    for name, value in post.info["truth"].items():
+        arr = np.asarray(value, dtype=float).reshape(-1)
+        rows = [name] if arr.size == 1 and name in table.index else [f"{name}[{i}]" for i in range(arr.size)]
+        z = (table.loc[rows, "mean"].to_numpy() - arr) / table.loc[rows, "sd"].to_numpy()
+        assert np.all(np.abs(z) < 3), (name, z[np.abs(z) >= 3])

@@ -1,8 +1,10 @@
 """Stan's relative-tolerance rule and the posterior-units rule."""
 
-
+import numpy as np
+import pytest
 import torch
 
+import svi
 from svi.convergence import IterateAverager, PosteriorConvergence, StanConvergence
 
 
@@ -61,7 +63,18 @@ def test_posterior_rule_converges_when_the_phase_average_stops_moving():
     assert not lone.phase_end(one_far, torch.ones(100)).converged
     capped = PosteriorConvergence(tol_param=1e-9, max_decays=1)
     capped.phase_end(torch.zeros(1), torch.ones(1))
-    assert capped.phase_end(torch.ones(1), torch.ones(1)).converged
+    gave_up = capped.phase_end(torch.ones(1), torch.ones(1))
+    assert gave_up.stop and not gave_up.converged and "gave up after 1 step-size decays" in gave_up.reason
+
+
+def test_a_fit_that_runs_out_of_decays_is_reported_unconverged():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 3))
+    data = {"x": x, "y": x @ np.array([1.0, -1.0, 0.5]) + rng.normal(size=4000)}
+    with pytest.warns(RuntimeWarning, match="NOT converged: gave up after 0 step-size decays.*Try: raise max_decays"):
+        post = svi.fit(svi.models.LinearRegression(3), data, batch_size=64, max_decays=0, warm_start="none")
+    assert not post.info["converged"] and post.info["stop_reason"] == "max_decays"
+    assert post.info["steps"] < 10_000  # it stopped: stopping and converging are two different things
 
 
 def test_iterate_averager_drops_burn_in_windows():

@@ -28,10 +28,10 @@ D, B, ROW_GROUP = 50, 4096, 65_536
 
 
 def make(folder: Path, rows: int) -> Path:
-    from svi.data.jobs import write_synthetic
+    from svi.data.jobs import truth_file, write_synthetic
 
     out = folder / f"logistic-{rows}"
-    if not (out / "truth.json").is_file():
+    if not truth_file(out).is_file():
         write_synthetic(out, "logistic", rows=rows, features=D, files=max(4, rows // 500_000),
                         row_group_size=ROW_GROUP, seed=0)
     return out
@@ -66,7 +66,9 @@ def fit(path: Path, steps: int, compiled: bool = False) -> dict:
         def log_metrics(self, metrics, step):
             self.values.append(metrics["rows_per_s"])
 
-    meta = json.loads((path / "truth.json").read_text())
+    from svi.data.jobs import truth_file
+
+    meta = json.loads(truth_file(path).read_text())
     tracker = RowsPerSecond()
     post = svi.fit(svi.models.LogisticRegression(D), str(path), columns=meta["columns"], family="meanfield",
                    batch_size=B, in_memory_rows=0, max_steps=steps, tol_param=1e-9, progress=False,

@@ -50,11 +50,12 @@ def write_synthetic(out: str | os.PathLike, model: str = "logistic", rows: int =
                     workers: int | None = None) -> dict[str, Any]:
     """Write a partitioned Parquet data set drawn from a built-in model with known parameters.
 
-    Files ``part-00000.parquet`` ... and ``truth.json`` (the parameters, the spec, the columns
-    mapping) go into folder ``out``. Files are written in parallel processes.
+    Files ``part-00000.parquet`` ... go into folder ``out``, which holds data only (so
+    ``pandas.read_parquet(out)`` reads it); ``<out>.truth.json`` beside it holds the parameters,
+    the spec and the columns mapping (:func:`truth_file`). Files are written in parallel processes.
 
     Returns:
-        The contents of ``truth.json``.
+        The contents of the truth file.
     """
     from svi.synthetic import SyntheticSpec, batch_columns, make_truth
 
@@ -78,8 +79,15 @@ def write_synthetic(out: str | os.PathLike, model: str = "logistic", rows: int =
             "row_group_size": row_group_size, "seed": seed}
     from svi.checkpoint import atomic_write_text
 
-    atomic_write_text(out / "truth.json", json.dumps(meta, indent=1))  # last: marks the data set complete
+    atomic_write_text(truth_file(out), json.dumps(meta, indent=1))  # last: marks the data set complete
     return meta
+
+
+def truth_file(data_folder: str | os.PathLike) -> Path:
+    """Where :func:`write_synthetic` keeps a data set's truth: ``data/quickstart.truth.json`` beside
+    ``data/quickstart``, not inside it, where it would break readers of the folder's Parquet files."""
+    folder = Path(data_folder)
+    return folder.with_name(folder.name + ".truth.json")
 
 
 def csv_to_parquet(src: str | Sequence[str], out: str | os.PathLike, blocksize: str = "64MB",
