@@ -5,5 +5,6 @@
 # last checkpoint by itself when the config says resume: auto).
 set -euo pipefail
 N="${1:?usage: launch_local.sh NPROC CONFIG [overrides]}"; shift
-PY="${PYTHON:-$(dirname "$0")/../.venv/bin/python}"
+source "$(dirname "$0")/_python.sh"
+PY="$(svi_python)"
 exec "$PY" -m torch.distributed.run --standalone --nproc-per-node "$N" ${TORCHRUN_ARGS:-} -m svi fit "$@"

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -69,6 +70,7 @@ def fit(
     columns: Mapping[str, Any] | None = None,
     tracker: Tracker | None = None,
     job_yaml: str | None = None,
+    record: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> Posterior:
     """Fit ``model`` to ``data`` by ADVI and return the posterior.
@@ -82,6 +84,8 @@ def fit(
         job_yaml: the job's config as YAML (``svi fit`` / ``svi resume``), written as ``job.yaml``
             beside the checkpoints once a checkpoint found there has been checked compatible, so a
             refused resume leaves the folder as it was.
+        record: more JSON-able fit information for ``post.info`` (``svi fit`` records the job and
+            its truth), in place before the posterior is saved or logged.
         **options: any field of :class:`svi.options.FitOptions`.
     """
     opts = FitOptions.from_dict({"family": family, **options})
@@ -100,7 +104,8 @@ def fit(
                 stats = standardize(source, opts.standardize, dtype)
                 if hasattr(model, "use_data_stats"):
                     model.use_data_stats(stats)
-            post = _fit(model, space, source, opts, dtype, device, tracker, world, columns, job_yaml)
+            record = {"data_path": _data_path(data), **(record or {})}
+            post = _fit(model, space, source, opts, dtype, device, tracker, world, columns, job_yaml, record)
             clean = True
             return post
         finally:
@@ -109,6 +114,14 @@ def fit(
                 source.close()
     finally:
         dist.teardown(world, clean)
+
+
+def _data_path(data) -> str | None:
+    """Where a fit's data live, so ``svi diagnose`` and ``svi loo`` find them again (None in memory)."""
+    if not isinstance(data, (str, os.PathLike)):
+        return None
+    text = os.fspath(data)
+    return text if "://" in text else os.path.abspath(text)
 
 
 def _intra_op_threads(requested: int | None, source) -> int:
@@ -122,7 +135,7 @@ def _intra_op_threads(requested: int | None, source) -> int:
 
 
 def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, columns=None,
-         job_yaml=None) -> Posterior:
+         job_yaml=None, record=None) -> Posterior:
     # An error that one rank finds before training stops every rank with the same message, instead
     # of leaving the others to die in their first collective (see dist.agreed).
     with dist.agreed(world):
@@ -156,9 +169,12 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
                 eta = search_stan_eta(ctx, fam, _stream(source, batch, opts.seed + 17, device, opts, world))
             anchor = None
             if warm and opts.control_variate and batch * world.world_size < num_rows:
+                started = time.perf_counter()
                 anchor = anchor_statistics(model, space, fam.frame_loc,
                                            source.chunks(rank=world.rank, world_size=world.world_size),
                                            reduce_sum=lambda t: dist.all_mean(t, world) * world.world_size)
+                log.info("full-data pass for the control variate: %s rows in %.1f s", f"{num_rows:,}",
+                         time.perf_counter() - started)
             state = init_state(ctx, fam, note, eta, trainable=dist.wrap(fam, world), anchor=anchor)
         else:
             path, saved = resume
@@ -182,7 +198,7 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
             "seconds": result.seconds, "num_rows": num_rows, "batch_size": batch,
             "dropped_rows": getattr(source, "dropped_rows", 0), "world_size": world.world_size,
             "fingerprints": fingerprints, "options": dataclasses.asdict(opts), "history": result.history,
-            "run_id": tracker.run_id, "columns": dict(columns) if columns else None,
+            "run_id": tracker.run_id, "columns": dict(columns) if columns else None, **(record or {}),
         }
         post = Posterior(model, space, result.family, info)
         if world.rank == 0:
@@ -388,11 +404,14 @@ def _end_of_fit_khat(post: Posterior, source, opts: FitOptions) -> None:
         return
     from svi.diagnostics import psis_on_rows
 
+    started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one warning below, with advice, instead of the diagnostic's own
         result = psis_on_rows(post, source, opts.khat_rows, seed=opts.seed + 31)
     post.info["khat"] = result.khat
     post.info["khat_rows"] = min(opts.khat_rows, source.num_rows)
+    log.info("PSIS k-hat %.2f on %s rows in %.1f s", result.khat, f"{post.info['khat_rows']:,}",
+             time.perf_counter() - started)
     if result.khat > 0.7:
         warnings.warn(f"svi: PSIS k-hat = {result.khat:.2f} > 0.7: q is far from the posterior, do not trust its "
                       "draws. Try family=fullrank; for a multilevel model, centered=True when its groups have much "

@@ -294,11 +294,9 @@ def fit_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), cf
     model = build_model(cfg)
     truth = ensure_data(cfg)
     columns = OmegaConf.to_container(cfg.data.columns, resolve=True) or None
+    record = {"job": OmegaConf.to_container(cfg, resolve=True), "truth": truth["truth"] if truth else None}
     post = svi.fit(model, cfg.data.path, columns=columns, job_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-                   **dataclasses.asdict(opts))
-    post.info["job"] = OmegaConf.to_container(cfg, resolve=True)
-    post.info["truth"] = truth["truth"] if truth else None
-    post.info["data_path"] = os.path.abspath(cfg.data.path)
+                   record=record, **dataclasses.asdict(opts))
     if cfg.output.posterior and _launch_rank() == 0:
         post.save(cfg.output.posterior)
     return post

@@ -9,6 +9,7 @@ round-trip through ``state_dict()``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import sys
@@ -300,6 +301,7 @@ def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker
         state.last_good = _snapshot(state)
     progress = _progress_bar(o, ctx.rank, state.step)
     decision = Decision()
+    last_stats: dict = {}
     rows = 0
     t_log = time.perf_counter()
     window_end = state.step + window_length(o, state) - len(state.window_elbos)
@@ -318,10 +320,11 @@ def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker
             metrics = _metrics(state, info, rows / max(now - t_log, 1e-9))
             tracker.log_metrics(metrics, state.step)
             if progress is not None:
-                progress.set_postfix(elbo=f"{metrics['elbo']:.6g}", rows_per_s=f"{metrics['rows_per_s']:.3g}")
+                progress.set_postfix_str(f"elbo {metrics['elbo']:.6g}  lr {metrics['lr']:.3g}  "
+                                         f"{_distance(decision, o)}rows/s {metrics['rows_per_s']:.3g}")
             elif ctx.rank == 0 and o.progress is not False:
-                log.info("step %d/%d  elbo %.6g  lr %.3g  rows/s %.3g", state.step, o.max_steps, metrics["elbo"],
-                         metrics["lr"], metrics["rows_per_s"])
+                log.info("step %d (max %d)  elbo %.6g  lr %.3g  %srows/s %.3g", state.step, o.max_steps,
+                         metrics["elbo"], metrics["lr"], _distance(decision, o), metrics["rows_per_s"])
             rows, t_log = 0, now
         if progress is not None:
             progress.update(1)
@@ -333,6 +336,9 @@ def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker
                 state.window_cv = []
             decision = _end_of_window(ctx, state, values)
             tracker.log_metrics({"elbo_window_mean": state.history[-1][1], **decision.stats}, state.step)
+            if decision.stats:  # the last distance stays on show until the next phase ends
+                last_stats = decision.stats
+            decision = dataclasses.replace(decision, stats=last_stats)
             window_end = state.step + window_length(o, state)
             if decision.stop:
                 break
@@ -340,6 +346,8 @@ def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker
             checkpoint(state, stream, None)
     if progress is not None:
         progress.close()
+    if ctx.rank == 0 and o.progress is not False:
+        log.info("%s at step %d", "converged" if decision.converged else "stopped without converging", state.step)
     converged = decision.converged
     if converged:
         stop_reason, reason = "converged", decision.reason
@@ -487,7 +495,15 @@ def _progress_bar(o: FitOptions, rank: int, initial: int):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=o.max_steps, initial=initial, desc="svi", unit="step", dynamic_ncols=True)
+    # no total: the stopping rule, not max_steps, decides when a fit ends, so a bar out of max_steps
+    # would stall at a small fraction with a meaningless ETA; the postfix shows the rule's distance
+    return tqdm(initial=initial, desc="fit", unit="step", dynamic_ncols=True)
+
+
+def _distance(decision: Decision, o: FitOptions) -> str:
+    """The stopping rule's last distance to its tolerance, for the progress line."""
+    moved = decision.stats.get("stop_mean_move_sd")
+    return "" if moved is None else f"moved {moved:.3g} sd (tol {o.tol_param:g})  "
 
 
 # --- the whole state, for checkpoints -------------------------------------------------------------

@@ -89,3 +89,19 @@ def test_a_high_khat_is_warned_about_and_tagged(tmp_path, monkeypatch):
         post = svi.fit(svi.models.LinearRegression(4, noise=1.0), data, family="meanfield", tracking=True)
     assert post.info["khat"] > 0.7
     assert _tags("sqlite:///mlflow.db", post.info["run_id"])["svi.status"].endswith("k-hat high")
+
+
+def test_a_logged_posterior_records_its_data_so_diagnose_by_run_uri_works(tmp_path, monkeypatch):
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3000, 2))
+    pd.DataFrame({"x0": x[:, 0], "x1": x[:, 1], "y": x @ [1.0, -1.0] + rng.normal(size=3000)}).to_parquet("d.parquet")
+    post = svi.fit(svi.models.LinearRegression(2), "d.parquet", columns={"x": "x*", "y": "y"}, tracking=True,
+                   khat_rows=0)
+    uri = f"runs:/{post.info['run_id']}/posterior"
+    from svi.diagnostics import diagnose
+
+    result = diagnose(uri, tracking_uri="sqlite:///mlflow.db", num_draws=500)
+    assert result.posterior.info["data_path"] == str(tmp_path / "d.parquet") and result.khat < 0.7
