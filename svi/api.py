@@ -116,6 +116,15 @@ def fit(
         dist.teardown(world, clean)
 
 
+def _resolved_columns(source) -> dict[str, list[str]] | None:
+    """{batch key: the data columns it read}, patterns expanded: what the logged model's input
+    signature is built from (``x*`` alone does not say which columns a request must carry)."""
+    resolved = getattr(source, "resolved", None)
+    if not isinstance(resolved, Mapping):
+        return None
+    return {k: list(v[0]) if isinstance(v, tuple) else list(v) for k, v in resolved.items()}
+
+
 def _data_path(data) -> str | None:
     """Where a fit's data live, so ``svi diagnose`` and ``svi loo`` find them again (None in memory)."""
     if not isinstance(data, (str, os.PathLike)):
@@ -198,7 +207,8 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
             "seconds": result.seconds, "num_rows": num_rows, "batch_size": batch,
             "dropped_rows": getattr(source, "dropped_rows", 0), "world_size": world.world_size,
             "fingerprints": fingerprints, "options": dataclasses.asdict(opts), "history": result.history,
-            "run_id": tracker.run_id, "columns": dict(columns) if columns else None, **(record or {}),
+            "run_id": tracker.run_id, "columns": dict(columns) if columns else None,
+            "resolved_columns": _resolved_columns(source), **(record or {}),
         }
         post = Posterior(model, space, result.family, info)
         if world.rank == 0:

@@ -20,19 +20,28 @@ from pathlib import Path
 __all__ = ["main"]
 
 
+def _launch_rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 talks to the user."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _setup_logging() -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s svi %(message)s", "%H:%M:%S"))
     logger = logging.getLogger("svi")
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO if _launch_rank() == 0 else logging.WARNING)
     logger.propagate = False
+    # MLflow's artifact download bars would interleave with svi's own lines
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _print_fit_report(post, cfg) -> None:
     import numpy as np
     import pandas as pd
 
+    if _launch_rank() != 0:  # under torchrun every rank holds the posterior; one report is enough
+        return
     table = post.summary(n=cfg.output.summary_draws if cfg is not None else 4000)
     truth = post.info.get("truth")
     if truth:
@@ -48,6 +57,10 @@ def _print_fit_report(post, cfg) -> None:
         print(table)
     info = post.info
     print(f"\n{info['steps']} steps, {'converged' if info['converged'] else 'NOT converged'}: {info['reason']}")
+    if info.get("khat") is not None:
+        khat = info["khat"]
+        verdict = "good" if khat < 0.5 else "fair" if khat <= 0.7 else "POOR: q is far from the posterior"
+        print(f"PSIS k-hat {khat:.2f} on {info.get('khat_rows', 0):,} rows ({verdict})")
     print(f"{info['num_rows']:,} rows, batch {info['batch_size']}, {info['seconds']:.1f} s of optimisation")
     if info.get("run_id"):
         uri = info["options"].get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
@@ -155,6 +168,38 @@ def cmd_diagnose(args) -> int:
     return 0
 
 
+def cmd_loo(args) -> int:
+    import arviz as az
+
+    from svi.posterior import load_posterior
+
+    post = load_posterior(args.uri, tracking_uri=args.tracking_uri, trust=args.trust)
+    data = args.data if args.data is not None else post.info.get("data_path")
+    if data is None:
+        raise SystemExit(f"svi loo: {args.uri} does not record the data it was fitted to; pass --data PATH")
+    idata = post.to_arviz(n=args.draws, seed=args.seed, data=data, rows=args.rows,
+                          columns=json.loads(args.columns) if args.columns else None,
+                          chains=4 if args.draws % 4 == 0 else 1)
+    result = az.loo(idata, pointwise=True)
+    print(result)
+    attrs = idata.log_likelihood.attrs
+    total, used = int(attrs["num_rows"]), int(attrs["rows_used"])
+    if used < total:
+        # elpd is a sum over rows: scale the sample's mean up, and add the error of having sampled
+        # (simple random sampling; Magnusson, Andersen, Jonasson, Vehtari, ICML 2019)
+        import numpy as np
+
+        pointwise = np.asarray(result.loo_i).reshape(-1)
+        var = float(pointwise.var(ddof=1))
+        full = total * float(pointwise.mean())
+        se = float(np.sqrt(total * var))
+        se_sub = float(total * np.sqrt((1 - used / total) * var / used))
+        print(f"\nComputed on a uniform sample of {used:,} of {total:,} rows (--rows); the numbers above sum over "
+              f"the sample.\nFull-data estimate: elpd_loo {full:.2f}, SE {se:.2f}, plus {se_sub:.2f} from sampling "
+              f"rows (Magnusson et al. 2019)")
+    return 0
+
+
 def cmd_sync(args) -> int:
     from svi.tracking import sync
 
@@ -189,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="svi", description="Distributed ADVI on PyTorch: fit, resume, inspect posteriors.")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    ap.add_argument("--version", action="version", version=f"svi {_version()}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("fit", help="run a job config", description="Run a job: make data if asked, fit, save.")
@@ -227,6 +273,24 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--draws", type=int, default=1000)
             p.set_defaults(func=cmd_diagnose)
 
+    p = sub.add_parser("loo", help="PSIS-LOO cross-validation (ArviZ) on the data",
+                       description="Leave-one-out cross-validation by Pareto-smoothed importance sampling (ArviZ's "
+                                   "az.loo): elpd_loo, its SE, p_loo and the Pareto k summary, on the data the "
+                                   "posterior was fitted to or --data; data sets larger than --rows use a uniform "
+                                   "sample of rows.")
+    p.add_argument("uri", help="posterior folder, runs:/<run_id>/posterior or models:/<name>/<version>")
+    p.add_argument("--data", default=None, help="data to score (default: the data it was fitted to)")
+    p.add_argument("--columns", default=None, help="JSON mapping of batch keys to columns")
+    p.add_argument("--rows", type=int, default=None,
+                   help="use at most this many rows (default 10,000): a uniform sample of larger data")
+    p.add_argument("--draws", type=int, default=4000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tracking-uri", default=None, help="MLflow store for runs:/ and models:/ URIs")
+    p.add_argument("--trust", action="append", default=[], metavar="MODULE",
+                   help="import the model class the posterior names from this module (repeatable); svi.models "
+                        "is always trusted, other model code is never imported from a file on its own")
+    p.set_defaults(func=cmd_loo)
+
     p = sub.add_parser("sync", help="send what a lost tracking server did not get",
                        description="Replay the unsent-mlflow-*.jsonl files of a checkpoint folder into their MLflow "
                                    "runs (metrics, artifacts, tags, the final status), then remove them.")
@@ -261,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler", default=None)
     p.set_defaults(func=cmd_data)
     return ap
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("svi")  # without importing torch: --version and --help stay instant
+    except PackageNotFoundError:  # a source tree that was not installed
+        return "unknown"
 
 
 def _record(fn):

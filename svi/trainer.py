@@ -317,7 +317,7 @@ def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker
         state.nonfinite_run = 0 if info.ok else state.nonfinite_run
         if state.step % o.log_every == 0 or state.step == o.max_steps:
             now = time.perf_counter()
-            metrics = _metrics(state, info, rows / max(now - t_log, 1e-9))
+            metrics = _metrics(state, info, rows / max(now - t_log, 1e-9), ctx.space)
             tracker.log_metrics(metrics, state.step)
             if progress is not None:
                 progress.set_postfix_str(f"elbo {metrics['elbo']:.6g}  lr {metrics['lr']:.3g}  "
@@ -479,14 +479,17 @@ def _load_params(family: Family, values: list[torch.Tensor]) -> None:
         p.copy_(v)
 
 
-def _metrics(state: TrainState, info: StepInfo, rows_per_s: float) -> dict[str, float]:
+def _metrics(state: TrainState, info: StepInfo, rows_per_s: float, space: ParamSpace) -> dict[str, float]:
     e = info.elbo
-    return {
+    metrics = {
         "elbo": float(e.value), "log_prior": float(e.log_prior), "log_likelihood": float(e.log_likelihood),
         "log_det": float(e.log_det), "entropy": float(e.entropy), "grad_norm": float(info.grad_norm),
         "lr": float(state.optimizer.param_groups[0]["lr"]), "rows_per_s": rows_per_s,
         "nonfinite_steps": float(state.nonfinite_total),
     }
+    if all(b.identity for b in space.blocks):  # no constrained parameter: log|det J| is 0, a chart of nothing
+        del metrics["log_det"]
+    return metrics
 
 
 def _progress_bar(o: FitOptions, rank: int, initial: int):

@@ -27,6 +27,9 @@ def _binary_labels(model_name: str, batch) -> dict:
 
 class _Regression(Model):
     batch_keys = ("x", "y")
+    #: optional: which batch key indexes each axis of a parameter, so ArviZ export names the
+    #: coefficients' dim ``x`` with the feature columns as coordinates (see Posterior.to_arviz)
+    dims = {"w": ("x",)}
 
     def __init__(self, n_features: int, prior_scale: float | None = 1.0, intercept_scale: float | None = 10.0):
         self.n_features = int(n_features)
@@ -97,6 +100,11 @@ class LogisticRegression(_Regression):
     def sample_obs(self, p, batch, generator=None):
         probs = torch.sigmoid(self.linear_predictor(p, batch["x"]))
         return torch.bernoulli(probs, generator=generator)
+
+    def predict_probability(self, p, batch):
+        """P(y = 1 | theta) per particle and row, (S, B): the inverse logit of the linear predictor
+        (what ``Posterior.predict(kind="probability")`` averages; no Bernoulli noise)."""
+        return torch.sigmoid(self.linear_predictor(p, batch["x"]))
 
 
 class PoissonRegression(_Regression):

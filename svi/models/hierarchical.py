@@ -34,6 +34,10 @@ __all__ = ["HierarchicalLinearRegression", "HierarchicalLogisticRegression"]
 class _Hierarchical(Model):
     batch_keys = ("x", "y", "g")
     integer_keys = ("g",)
+    #: optional: which batch key indexes each axis of a parameter (group ids ``g``, feature
+    #: columns ``x``), so ArviZ export gets named dims and coordinates (see Posterior.to_arviz);
+    #: parameters a model does not have (``w_raw`` without varying slopes) are ignored
+    dims = {"w": ("x",), "alpha_raw": ("g",), "tau_w": ("x",), "w_raw": ("g", "x")}
 
     def __init__(self, n_features: int, n_groups: int, varying_slopes: bool = False, prior_scale: float = 1.0,
                  intercept_scale: float = 10.0, tau_scale: float = 1.0, centered: bool = False):
@@ -135,3 +139,7 @@ class HierarchicalLogisticRegression(_Hierarchical):
 
     def sample_obs(self, p, batch, generator=None):
         return torch.bernoulli(torch.sigmoid(self.linear_predictor(p, batch)), generator=generator)
+
+    def predict_probability(self, p, batch):
+        """P(y = 1 | theta) per particle and row, (S, B), with each row's group effects."""
+        return torch.sigmoid(self.linear_predictor(p, batch))
