@@ -392,6 +392,8 @@ def _quiet_warnings() -> None:
         print(f"svi: warning: {message}", file=file or sys.stderr)
 
     warnings.showwarning = one_line
+    if _launch_rank() != 0:  # every decision is all-reduced, so rank 0 warns for all of them
+        warnings.simplefilter("ignore")
 
 
 if __name__ == "__main__":

@@ -248,3 +248,11 @@ def test_two_ranks_resuming_into_a_new_store_refuse_then_continue(tmp_path):
     (new,) = b.search_runs([b.get_experiment_by_name("quickstart").experiment_id])
     assert new.data.tags["svi.resumed_from_run"] == old_run and new.data.tags["svi.resumed_from_store"] == store_a
     assert min(m.step for m in b.get_metric_history(new.info.run_id, "elbo")) > 200
+
+
+def test_under_torchrun_only_rank_0_talks_to_the_user(tmp_path):
+    _make_data(tmp_path)
+    run, ranks = _torchrun(tmp_path, "talk", _job(tmp_path), f"sqlite:///{tmp_path}/a.db")
+    assert run.returncode == 0, run.stderr[-3000:] + ranks[0][-3000:] + ranks[1][-3000:]
+    for said in ("warm start", "q95", "posterior saved", "steps, "):
+        assert said in ranks[0] and said not in ranks[1], (said, ranks[1][-2000:])
