@@ -125,6 +125,10 @@ def build_family(ctx: FitContext) -> tuple[Family, str, bool]:
     family = make_family(o.family, ctx.space.size, loc=start, scale=o.init_scale, dtype=ctx.dtype, rank=o.rank)
     note, warm = "no warm start", False
     if o.warm_start == "laplace" and ctx.warm_batch is not None:
+        rows = next(iter(ctx.warm_batch.values())).shape[0]
+        if ctx.rank == 0:  # a phase of its own (seconds on a large sample): say so before, not only after
+            log.info("warm start: L-BFGS towards the mode on %s of %s rows, then the best Gaussian on its path ...",
+                     f"{rows:,}", f"{ctx.num_rows:,}")
         ws = laplace_warm_start(
             ctx.model, ctx.space, ctx.warm_batch, ctx.num_rows, start,
             frame=family.frame_kind, num_draws=o.warm_start_draws, seed=o.seed,

@@ -116,7 +116,8 @@ def test_missing_run_error_refuses_and_writes_nothing(tmp_path, monkeypatch):
     store_b = f"sqlite:///{tmp_path}/b.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_b)
     with pytest.raises(RunNotFoundError) as caught:
-        _fit(tmp_path / "ck", 200, tracking=True, resume=True, missing_run="error")
+        # more steps: the same 200 would find the fit finished and do nothing, with no run to look for
+        _fit(tmp_path / "ck", 300, tracking=True, resume=True, missing_run="error", force_resume=True)
     message = str(caught.value)
     assert f"MLflow run {old_run} is not in the tracking store {store_b!r}" in message
     assert "missing_run='new'" in message and "a.db" in message and "ckpt-000000200.pt" in message
@@ -161,7 +162,8 @@ def test_the_cli_refusal_is_one_line_with_exit_code_2(tmp_path, monkeypatch):
         old_run = svi.fit_config(_job(tmp_path)[0], _job(tmp_path)[1:]).info["run_id"]
     before = _snapshot(tmp_path / "ck")
     store_b = f"sqlite:///{tmp_path}/b.db"
-    run = subprocess.run([sys.executable, "-m", "svi", "fit", *_job(tmp_path, "tracking.missing_run=error")],
+    more = ("max_steps=300", "fit.force_resume=true")  # continue the finished 200-step fit
+    run = subprocess.run([sys.executable, "-m", "svi", "fit", *_job(tmp_path, "tracking.missing_run=error", *more)],
                          cwd=tmp_path, env={**ENV, "MLFLOW_TRACKING_URI": store_b}, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 2, run.stderr[-3000:]
