@@ -509,8 +509,10 @@ def _progress_bar(o: FitOptions, rank: int, initial: int):
 
 def _distance(decision: Decision, o: FitOptions) -> str:
     """The stopping rule's last distance to its tolerance, for the progress line."""
-    moved = decision.stats.get("stop_mean_move_sd")
-    return "" if moved is None else f"moved {moved:.3g} sd (tol {o.tol_param:g})  "
+    moved, rescaled = decision.stats.get("stop_mean_move_sd"), decision.stats.get("stop_sd_change")
+    if moved is None:
+        return ""
+    return f"means moved {moved:.2g} sd, sds {rescaled:.2g} (tol {o.tol_param:g})  "
 
 
 # --- the whole state, for checkpoints -------------------------------------------------------------
