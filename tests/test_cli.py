@@ -146,5 +146,8 @@ def test_the_shipped_hierarchical_configs_converge_and_cover_the_truth(config, t
     for name, value in post.info["truth"].items():
         arr = np.asarray(value, dtype=float).reshape(-1)
         rows = [name] if arr.size == 1 and name in table.index else [f"{name}[{i}]" for i in range(arr.size)]
-        z = (table.loc[rows, "mean"].to_numpy() - arr) / table.loc[rows, "sd"].to_numpy()
-        assert np.all(np.abs(z) < 3), (name, z[np.abs(z) >= 3])
+        z = np.abs(table.loc[rows, "mean"].to_numpy() - arr) / table.loc[rows, "sd"].to_numpy()
+        if arr.size <= 100:
+            assert np.all(z < 3), (name, z[z >= 3])
+        else:  # 1,000 group effects: a calibrated posterior puts ~0.27 % of them beyond 3 sd
+            assert np.mean(z > 3) < 0.01 and z.max() < 4.5 and np.mean(z < 2) > 0.9, (name, np.sort(z)[-5:])
