@@ -375,12 +375,11 @@ SPOOL_FORMAT = 1
 
 def write_spool(path: Path, run_id: str, tracking_uri: str, ops: list[dict]) -> None:
     """Write ``ops`` after a header line naming the run and the store (atomically)."""
+    from svi.checkpoint import atomic_write_text
+
     lines = [json.dumps({"svi_spool": SPOOL_FORMAT, "run_id": run_id, "tracking_uri": tracking_uri})]
     lines += [json.dumps(op) for op in ops]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def read_spool(path: Path) -> tuple[dict, list[dict]]:
@@ -398,7 +397,25 @@ def read_spool(path: Path) -> tuple[dict, list[dict]]:
     ops = lines[1:]
     if not all(isinstance(op, dict) and op.get("op") in _OPS for op in ops):
         raise TrackingError(f"{path} holds an unknown operation; it was not written by this svi")
+    for op in ops:
+        if op["op"] == "artifact" and not _svi_output(Path(op.get("path", "")), Path(path).parent):
+            # a spool is data: it may not make svi upload a file it did not write (a key, a password file)
+            raise TrackingError(f"{path} asks to upload {op.get('path')!r}, which is neither beside the spool nor in "
+                                "a temporary svi-outputs folder; it was not written by svi")
     return lines[0], ops
+
+
+def _svi_output(path: Path, spool_folder: Path) -> bool:
+    """Whether ``path`` lies where svi writes artifacts: beside the spool (checkpoints, outputs) or in
+    a temporary ``svi-outputs-*`` folder (fits without a checkpoint folder)."""
+    import tempfile
+
+    target = path.resolve()
+    if target.is_relative_to(spool_folder.resolve()):
+        return True
+    tmp = Path(tempfile.gettempdir()).resolve()
+    return target.is_relative_to(tmp) and target.relative_to(tmp).parts[:1] != () and \
+        target.relative_to(tmp).parts[0].startswith("svi-outputs-")
 
 
 _OPS = {"params", "metrics", "tags", "artifact", "register", "status"}

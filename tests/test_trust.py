@@ -290,3 +290,16 @@ def test_a_shape_that_goes_wrong_late_and_a_likelihood_without_gradient_are_erro
         svi.fit(_LateShape(), data, batch_size=100, max_steps=500, warm_start="none")
     with pytest.raises(ModelError, match="no gradient"):
         svi.fit(_NoGradient(), data, batch_size=100, max_steps=50)
+
+
+def test_a_spool_file_cannot_make_svi_upload_a_file_it_did_not_write(tmp_path):
+    from svi.tracking import write_spool
+
+    secret = tmp_path.parent / f"{tmp_path.name}-secret.txt"
+    secret.write_text("a key")
+    folder = tmp_path / "ck"
+    write_spool(folder / "unsent-mlflow-abc.jsonl", "abc", f"sqlite:///{tmp_path}/m.db",
+                [{"op": "artifact", "path": str(secret), "artifact_path": None}])
+    res = _run(["sync", str(folder)], tmp_path)
+    assert res.returncode == 2 and "was not written by svi" in res.stderr and str(secret) in res.stderr
+    assert not (tmp_path / "m.db").exists()  # refused before any store was opened
