@@ -307,6 +307,8 @@ def _finished_posterior(model: Model, opts: FitOptions, resume) -> Posterior | N
     if not (folder / "posterior.json").is_file():  # written by an older svi: resume as before
         return None
     post = Posterior.load(folder, model=model)
+    if post.info.get("steps") != step or post.info.get("fingerprints") != saved.get("fingerprints"):
+        return None  # saved by another fit (killed between its last checkpoint and this file): not this one's
     log.info("%s holds a finished fit (step %d, %s): nothing to do. resume=false starts a new fit; a fit that ran "
              "out of max_steps continues with a larger max_steps", opts.checkpoint_dir, step,
              "converged" if reason == "converged" else f"stopped: {reason}")
