@@ -25,12 +25,11 @@ def main(argv=None):
     ap.add_argument("--groups", type=int, default=20, help="groups of the hierarchical models")
     ap.add_argument("--components", type=int, default=3, help="components of the mixture")
     ap.add_argument("--varying-slopes", action="store_true")
-    ap.add_argument("--centered", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     t = time.perf_counter()
     meta = write_synthetic(args.out, args.model, args.rows, args.features, args.files, args.row_group_size, args.seed,
-                           args.groups, args.components, args.varying_slopes, args.centered)
+                           args.groups, args.components, args.varying_slopes)
     print(f"wrote {meta['rows']} rows in {args.files} files to {args.out} in {time.perf_counter() - t:.1f} s")
 
 

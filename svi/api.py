@@ -198,7 +198,7 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
             job = Path(opts.checkpoint_dir or ".") / JOB_FILE
             if opts.checkpoint_dir and job.is_file():  # lets `svi resume <run id>` rebuild the job elsewhere
                 tracker.log_artifact(str(job))
-        checkpoint = _checkpointer(opts, fingerprints, world, tracker)
+        checkpoint = _checkpointer(opts, fingerprints, world, tracker, space)
         result = train(ctx, state, stream, tracker, checkpoint)
         info = {
             "steps": result.steps, "converged": result.converged, "reason": result.reason,
@@ -319,12 +319,13 @@ def _family_like(saved: Mapping, ctx: FitContext):
     from svi.families import make_family
 
     st = saved["ranks"][0]["state"]["family"]
+    ctx.space.load_state_dict(saved.get("space", {}))  # before the family: its z means these coordinates
     fam = make_family(ctx.options.family, ctx.space.size, dtype=ctx.dtype, rank=ctx.options.rank)
     fam.load_state_dict(st)
     return fam.to(ctx.device)
 
 
-def _checkpointer(opts: FitOptions, fingerprints, world, tracker):
+def _checkpointer(opts: FitOptions, fingerprints, world, tracker, space: ParamSpace):
     if not opts.checkpoint_dir:
         return None
 
@@ -337,6 +338,7 @@ def _checkpointer(opts: FitOptions, fingerprints, world, tracker):
                        # the store of run_id: a resume against another store can say where the run is
                        "tracking_uri": getattr(tracker, "tracking_uri", None),
                        "finished": finished,  # why the fit stopped, on its last checkpoint; else None
+                       "space": space.state_dict(),  # the group effects' centring: the family's coordinates
                        "ranks": sorted(ranks, key=lambda r: r["rank"])}
             path = save_checkpoint(opts.checkpoint_dir, state.step, payload, keep=opts.keep_checkpoints)
             tracker.commit()  # the metrics up to this checkpoint: a resume will not repeat them
@@ -426,8 +428,8 @@ def _end_of_fit_khat(post: Posterior, source, opts: FitOptions) -> None:
              time.perf_counter() - started)
     if result.khat > 0.7:
         warnings.warn(f"svi: PSIS k-hat = {result.khat:.2f} > 0.7: q is far from the posterior, do not trust its "
-                      "draws. Try family=fullrank; for a multilevel model, centered=True when its groups have much "
-                      "data each (the non-centred default suits groups with little)", RuntimeWarning, stacklevel=3)
+                      "draws. Try family=fullrank; in a multilevel model, declare each group effect as one "
+                      "(svi.Param(loc=..., scale=...)) so svi chooses its centring from the data", RuntimeWarning, stacklevel=3)
 
 
 def _log_outputs(post: Posterior, tracker: Tracker, opts: FitOptions) -> None:

@@ -52,7 +52,6 @@ class MakeConfig:
     groups: int = 20
     components: int = 3
     varying_slopes: bool = False
-    centered: bool = False
     seed: int = 0
 
 
@@ -264,7 +263,7 @@ def ensure_data(cfg: DictConfig) -> dict | None:
         if _launch_rank() == 0:
             print(f"making synthetic data: {m.rows:,} rows of {m.model} in {path} ...", flush=True)
             write_synthetic(path, m.model, m.rows, m.features, m.files, m.row_group_size, m.seed, m.groups,
-                            m.components, m.varying_slopes, m.centered)
+                            m.components, m.varying_slopes)
         else:  # rank 0 writes; the truth file, written last, says the data set is complete
             deadline = time.monotonic() + float(os.environ.get("SVI_DIST_TIMEOUT", "300"))
             while not truth_file.is_file():

@@ -238,7 +238,14 @@ class MeanField(Family):
 
 class FullRank(Family):
     """Full-covariance Gaussian, q = N(mu, L L^T), L lower-triangular with positive
-    diagonal (Stan's ``fullrank``); the diagonal is stored as its log."""
+    diagonal (Stan's ``fullrank``); the diagonal is stored as its log, the entries below it
+    divided by ``off_diagonal_scale`` = 1/sqrt(K).
+
+    Why the 1/sqrt(K): Adam moves every coordinate by about lr a step whatever its gradient's
+    size, so K^2/2 raw entries of a row each moving by lr would move the row of L by lr sqrt(K)
+    (K = 306: 1.7 frame sds at lr 0.1), and the first steps from the warm start's Gaussian threw
+    the fit far off. Scaled so, a step moves each row of L by about lr, as it moves the mean.
+    """
 
     name = "fullrank"
     frame_kind = "tril"
@@ -248,6 +255,16 @@ class FullRank(Family):
         self.loc = nn.Parameter(torch.zeros(size, dtype=dtype))
         self.scale_raw = nn.Parameter(torch.zeros(size, size, dtype=dtype))
         self.register_buffer("_strict_lower", torch.tril(torch.ones(size, size, dtype=dtype), -1))
+        # in the state dict, so a posterior keeps its meaning; files from before it read as 1
+        self.register_buffer("off_diagonal_scale", torch.tensor(1.0 / math.sqrt(max(size, 1)), dtype=dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "off_diagonal_scale"
+        if key not in state_dict and prefix + "scale_raw" in state_dict:  # written before the scaling existed
+            state_dict = {**state_dict, key: torch.tensor(1.0, dtype=self.off_diagonal_scale.dtype)}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def reset_parameters(self):
         with torch.no_grad():
@@ -255,7 +272,7 @@ class FullRank(Family):
             self.scale_raw.zero_()
 
     def _inner_tril(self, raw):
-        return raw * self._strict_lower + torch.diag_embed(torch.diagonal(raw).exp())
+        return raw * (self._strict_lower * self.off_diagonal_scale) + torch.diag_embed(torch.diagonal(raw).exp())
 
     def forward(self, eps, return_frame: bool = False):
         u = self.loc + eps @ self._inner_tril(self.scale_raw).T

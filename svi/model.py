@@ -43,11 +43,24 @@ class Param:
         constraint: a ``torch.distributions.constraints`` object (or one from ``svi.constraints``).
         init: optional initial value in constrained space (a number or array of ``shape``).
             Without it the engine starts from the unconstrained zero (Stan's ``init=0``).
+        loc, scale: declare a group effect: the parameter is ``theta[g] ~ Normal(loc, scale)`` in
+            the model's prior, with ``loc`` and ``scale`` the names of other (non-group) parameters
+            or numbers, broadcast against ``shape`` from the right (``mu`` of shape ``()`` for
+            intercepts of shape ``(G,)``; ``w`` and ``tau_w`` of shape ``(D,)`` for slopes of shape
+            ``(G, D)``). The first axis indexes groups and each data row touches one group. The
+            model writes the prior in this natural (centred) form and reads the natural values;
+            svi chooses per element how far to centre the coordinates it optimises in (see
+            :mod:`svi.centering`), so one model suits groups of 8 rows and of 8,000.
+        centering: for a group effect: ``"auto"`` (chosen from the data after the warm start), or a
+            fixed number in [0, 1] for every element (1 centred, 0 non-centred).
     """
 
     shape: tuple[int, ...] = ()
     constraint: Constraint = _torch_constraints.real
     init: Any = None
+    loc: str | float | None = None
+    scale: str | float | None = None
+    centering: str | float = "auto"
 
     def __post_init__(self):
         shape = (self.shape,) if isinstance(self.shape, int) else tuple(self.shape)
@@ -58,6 +71,25 @@ class Param:
             raise ModelError(
                 f"Param constraint must be a torch.distributions constraint object, got {self.constraint!r}"
             )
+        if (self.loc is None) != (self.scale is None):
+            raise ModelError("a group effect Param needs both loc and scale (names of parameters or numbers)")
+        if self.is_group_effect:
+            if type(self.constraint) is not type(_torch_constraints.real):
+                raise ModelError(f"a group effect Param is real-valued; got constraint {self.constraint!r}")
+            if not shape:
+                raise ModelError("a group effect Param needs a group axis first in its shape, e.g. (n_groups,)")
+            for what, v in (("loc", self.loc), ("scale", self.scale)):
+                if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                    raise ModelError(f"group effect {what} must be a parameter name or a number, got {v!r}")
+            if not isinstance(self.scale, str) and not self.scale > 0:
+                raise ModelError(f"group effect scale must be positive, got {self.scale!r}")
+        c = self.centering
+        if not (c == "auto" or (isinstance(c, (int, float)) and not isinstance(c, bool) and 0.0 <= c <= 1.0)):
+            raise ModelError(f"Param centering must be 'auto' or a number in [0, 1], got {c!r}")
+
+    @property
+    def is_group_effect(self) -> bool:
+        return self.loc is not None
 
     @property
     def numel(self) -> int:
@@ -130,7 +162,10 @@ class Model:
             "args": [_jsonable(a) for a in args],
             "kwargs": {k: _jsonable(v) for k, v in kwargs.items()},
             "params": {
-                n: {"shape": list(p.shape), "constraint": repr(p.constraint)} for n, p in self.get_params().items()
+                n: {"shape": list(p.shape), "constraint": repr(p.constraint),
+                    **({"group": {"loc": p.loc, "scale": p.scale, "centering": p.centering}}
+                       if p.is_group_effect else {})}
+                for n, p in self.get_params().items()
             },
             "batch_keys": list(self.batch_keys) if self.batch_keys is not None else None,
         }

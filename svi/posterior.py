@@ -141,8 +141,8 @@ class Posterior:
         Groups:
             posterior: every parameter. An axis gets a named dim when the model declares one in its
                 optional ``dims`` attribute, ``{param: (batch key or dim name, ...)}`` (the built-in
-                regressions declare ``{"w": ("x",)}``, the hierarchical ones also ``alpha_raw: ("g",)``,
-                ``w_raw: ("g", "x")``): a key mapped to several columns (a list or a pattern such as
+                regressions declare ``{"w": ("x",)}``, the hierarchical ones also ``alpha: ("g",)``,
+                ``beta: ("g", "x")``): a key mapped to several columns (a list or a pattern such as
                 ``"x*"``) becomes dim ``x`` with the column names as coordinates; a key mapped to one
                 column (group ids) becomes a dim named after that column, with coordinates 0..G-1.
                 Undeclared axes keep ArviZ's ``<param>_dim_<i>``.
@@ -509,6 +509,10 @@ class Posterior:
             space = ParamSpace(model.get_params(), model.name)
             if not _same_params(space, meta.get("space")):
                 raise PosteriorFormatError(f"model {model.name} does not match the parameters saved in {meta_file}")
+            try:
+                space.load_centering(meta["space"])
+            except ModelError as e:
+                raise PosteriorFormatError(f"{meta_file}: {e}") from None
         else:
             try:
                 space = ParamSpace.from_spec(meta["space"], model_spec.get("class", "model"))
@@ -546,6 +550,9 @@ def _same_params(space: ParamSpace, saved: Any) -> bool:
             return False
         c = entry.get("constraint")
         if (repr(b.constraint) if isinstance(c, str) else mine[b.name]["constraint"]) != c:
+            return False
+        group = entry.get("group") or {}
+        if (group.get("loc"), group.get("scale")) != (b.loc, b.scale):
             return False
     return True
 

@@ -34,7 +34,6 @@ class SyntheticSpec:
     n_groups: int = 20
     n_components: int = 3
     varying_slopes: bool = False
-    centered: bool = False
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -58,11 +57,10 @@ def make_truth(spec: SyntheticSpec, seed: int = 0) -> dict[str, np.ndarray]:
     if spec.model.startswith("hierarchical"):
         G = spec.n_groups
         mu, tau, z = truth["b"], np.asarray(0.7), rng.normal(size=G)
-        truth = {"w": w, "mu": mu, "tau": tau, "alpha_raw": mu + tau * z if spec.centered else z}
+        truth = {"w": w, "mu": mu, "tau": tau, "alpha": mu + tau * z}
         if spec.varying_slopes:
             truth["tau_w"] = np.full(D, 0.3)
-            z_w = rng.normal(size=(G, D))
-            truth["w_raw"] = truth["tau_w"] * z_w if spec.centered else z_w
+            truth["beta"] = w + truth["tau_w"] * rng.normal(size=(G, D))
         if spec.model == "hierarchical_linear":
             truth["sigma"] = np.asarray(0.8)
     return truth
@@ -80,11 +78,10 @@ def make_rows(spec: SyntheticSpec, truth: dict[str, np.ndarray], n: int, rng: np
     cols: dict[str, np.ndarray] = {f"x{j}": x[:, j] for j in range(D)}
     if spec.model.startswith("hierarchical"):
         g = rng.integers(0, spec.n_groups, size=n)
-        intercepts = truth["alpha_raw"] if spec.centered else truth["mu"] + truth["tau"] * truth["alpha_raw"]
-        eta = x @ truth["w"] + intercepts[g]
         if spec.varying_slopes:
-            slopes = truth["w_raw"] if spec.centered else truth["tau_w"] * truth["w_raw"]
-            eta = eta + np.einsum("nd,nd->n", x, slopes[g])
+            eta = truth["alpha"][g] + np.einsum("nd,nd->n", x, truth["beta"][g])
+        else:
+            eta = x @ truth["w"] + truth["alpha"][g]
         cols["g"] = g.astype(np.int64)
     else:
         eta = x @ truth["w"] + truth["b"]
@@ -127,11 +124,9 @@ def build_model(spec: SyntheticSpec):
     if spec.model == "student_t":
         return models.StudentTRegression(spec.n_features)
     if spec.model == "hierarchical_linear":
-        return models.HierarchicalLinearRegression(spec.n_features, spec.n_groups, spec.varying_slopes,
-                                                   centered=spec.centered)
+        return models.HierarchicalLinearRegression(spec.n_features, spec.n_groups, spec.varying_slopes)
     if spec.model == "hierarchical_logistic":
-        return models.HierarchicalLogisticRegression(spec.n_features, spec.n_groups, spec.varying_slopes,
-                                                     centered=spec.centered)
+        return models.HierarchicalLogisticRegression(spec.n_features, spec.n_groups, spec.varying_slopes)
     return models.GaussianMixture(spec.n_components)
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from svi import distributed as dist
+from svi.centering import choose_centering, describe as describe_centering
 from svi.convergence import Decision, IterateAverager, PosteriorConvergence, StanConvergence
 from svi.elbo import DataAnchor, ElboEstimate, ElboLoss, batch_size, elbo
 from svi.families import Family, make_family
@@ -129,17 +130,67 @@ def build_family(ctx: FitContext) -> tuple[Family, str, bool]:
         if ctx.rank == 0:  # a phase of its own (seconds on a large sample): say so before, not only after
             log.info("warm start: L-BFGS towards the mode on %s of %s rows, then the best Gaussian on its path ...",
                      f"{rows:,}", f"{ctx.num_rows:,}")
-        ws = laplace_warm_start(
-            ctx.model, ctx.space, ctx.warm_batch, ctx.num_rows, start,
-            frame=family.frame_kind, num_draws=o.warm_start_draws, seed=o.seed,
-        )
+        if ctx.space.auto_centering:
+            ws, centring = _centre_group_effects(ctx, _warm_start(ctx, start, "diag"), start, family.frame_kind)
+            note = centring + "; "
+        else:
+            ws = _warm_start(ctx, start, family.frame_kind)
         if ws is None:
             note = "warm start found no usable Gaussian (curvature not positive definite); started from init"
             warnings.warn(note, RuntimeWarning, stacklevel=3)
         else:
             family.set_frame(ws.loc, ws.scale, ws.precision if o.control_variate else None, ws.gradient)
-            note, warm = "warm start: " + ws.note, True
+            note, warm = "warm start: " + (note if ctx.space.auto_centering else "") + ws.note, True
+    elif ctx.space.auto_centering:  # no warm start: centre from the data at the initial point
+        _, centring = _centre_group_effects(ctx, None, start, family.frame_kind, restart=False)
+        family = make_family(o.family, ctx.space.size, loc=ctx.space.initial_point(torch.float64, default=o.init),
+                             scale=o.init_scale, dtype=ctx.dtype, rank=o.rank)
+        note = f"no warm start; {centring}"
     return family.to(ctx.device), note, warm
+
+
+def _warm_start(ctx: FitContext, start: torch.Tensor, frame: str):
+    o = ctx.options
+    return laplace_warm_start(ctx.model, ctx.space, ctx.warm_batch, ctx.num_rows, start, frame=frame,
+                              num_draws=o.warm_start_draws, seed=o.seed)
+
+
+def _centre_group_effects(ctx: FitContext, ws, start: torch.Tensor, frame: str, restart: bool = True,
+                          rounds: int = 2):
+    """Choose the "auto" group effects' centring from the data, then warm-start again in those coordinates.
+
+    The first warm start runs non-centred (its mode is bounded whatever the groups; the centred
+    density is not as the scale goes to 0). The rounds use diagonal Gaussians whatever the family,
+    so both families centre alike (a full-covariance Laplace fit can prefer an early point of the
+    path, whose scale misleads the choice); the family's own Gaussian is formed last. Its point gives each group's data information and
+    scale (svi.centering); the point is carried to the new coordinates and L-BFGS runs from there.
+    A second round re-reads the information at the better mode (the non-centred mode overstates
+    the scale of data-rich groups several-fold). A round whose warm start fails keeps the last one.
+    """
+    space = ctx.space
+    rows = ctx.warm_batch if ctx.warm_batch is not None else ctx.eval_batch
+    point = ws.loc if ws is not None else start
+    for _ in range(rounds if restart else 1):
+        before = space.state_dict()
+        theta, _ = space.constrain(point.unsqueeze(0))
+        chosen, scales = choose_centering(ctx.model, space, rows, ctx.num_rows, point)
+        log.debug("centring round: scales at the point %s, implied by the groups' data %s; %s",
+                  {k: theta[k].reshape(-1)[:4].tolist() for k in scales},
+                  {k: v.reshape(-1)[:4].tolist() for k, v in scales.items()}, describe_centering(chosen))
+        for name, lam in chosen.items():  # every rank the same centring, whatever its rows
+            space.set_centering(name, ctx.all_mean(lam))
+        if not restart:
+            break
+        theta = {**theta, **{k: ctx.all_mean(v).to(theta[k]).unsqueeze(0) for k, v in scales.items()}}
+        moved = space.unconstrain(theta)[0]
+        again = _warm_start(ctx, moved, "diag")
+        if again is None:
+            space.load_state_dict(before)
+            break
+        ws, point = again, again.loc
+    if restart and frame != "diag" and ws is not None:  # the family's own Gaussian, from the chosen point
+        ws = _warm_start(ctx, ws.loc, frame) or ws
+    return ws, describe_centering(space.centering)
 
 
 def init_state(ctx: FitContext, family: Family, warm_note: str = "", eta: float | None = None,
@@ -373,10 +424,10 @@ def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker
 def _what_to_try(stop_reason: str) -> str:
     """The advice that goes with a fit that stopped without converging."""
     if stop_reason == "max_steps":
-        return ("Try: raise max_steps (a resume continues from here); for a multilevel model, check whether its "
-                "groups are data-rich (centered=True) or data-poor (the non-centred default)")
-    return ("Try: raise max_decays, or a smaller lr; for a multilevel model, check whether its groups are data-rich "
-            "(centered=True) or data-poor (the non-centred default)")
+        return ("Try: raise max_steps (a resume continues from here), or family=fullrank; a multilevel model "
+                "fits best with its group effects declared as such (svi.Param(loc=..., scale=...))")
+    return ("Try: raise max_decays, or a smaller lr, or family=fullrank; a multilevel model fits best with its "
+            "group effects declared as such (svi.Param(loc=..., scale=...))")
 
 
 def _end_of_window(ctx: FitContext, state: TrainState, window_elbos: list[float]) -> Decision:

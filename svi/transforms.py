@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch.distributions import biject_to, constraints
@@ -183,6 +183,12 @@ class ParamBlock:
     transform: Transform
     identity: bool
     constraint: constraints.Constraint
+    loc: str | float | None = None  # a group effect's location and scale (a parameter's name or a number)
+    scale: str | float | None = None
+
+    @property
+    def is_group_effect(self) -> bool:
+        return self.loc is not None
 
 
 class ParamSpace:
@@ -211,12 +217,105 @@ class ParamSpace:
                 ) from None
             ushape = tuple(t.inverse_shape(p.shape))
             size = math.prod(ushape)
-            blocks.append(ParamBlock(name, p.shape, ushape, offset, size, t, _is_identity(t), p.constraint))
+            group = p.is_group_effect
+            blocks.append(ParamBlock(name, p.shape, ushape, offset, size, t, _is_identity(t) and not group,
+                                     p.constraint, p.loc if group else None, p.scale if group else None))
             offset += size
         self.blocks: tuple[ParamBlock, ...] = tuple(blocks)
         self.size: int = offset
         self.names: tuple[str, ...] = tuple(b.name for b in blocks)
         self._params = dict(params)
+        self._check_group_effects(model_name)
+        #: per group effect, how far each element is centred (1 centred, 0 non-centred); "auto"
+        #: ones start non-centred until :mod:`svi.centering` chooses from the data
+        self.centering: dict[str, torch.Tensor] = {
+            b.name: torch.full(b.shape, 0.0 if params[b.name].centering == "auto" else float(params[b.name].centering),
+                               dtype=torch.float64)
+            for b in self.blocks if b.is_group_effect}
+        self.auto_centering: tuple[str, ...] = tuple(
+            b.name for b in self.blocks if b.is_group_effect and params[b.name].centering == "auto")
+        self._cast: dict = {}
+
+    def _check_group_effects(self, model_name: str) -> None:
+        by_name = {b.name: b for b in self.blocks}
+        for b in self.blocks:
+            if not b.is_group_effect:
+                continue
+            for what, ref in (("loc", b.loc), ("scale", b.scale)):
+                if not isinstance(ref, str):
+                    continue
+                other = by_name.get(ref)
+                if other is None or other.is_group_effect:
+                    raise ModelError(f"{model_name}: group effect {b.name!r} has {what}={ref!r}, which is not one of "
+                                     f"its other, non-group-effect parameters {[n for n in by_name if n != b.name]}")
+                tail = b.shape[len(b.shape) - len(other.shape):] if len(other.shape) <= len(b.shape) else None
+                if tail is None or any(o not in (1, d) for o, d in zip(other.shape, tail)):
+                    raise ModelError(f"{model_name}: group effect {b.name!r} of shape {b.shape} cannot take {what} "
+                                     f"{ref!r} of shape {other.shape}: it broadcasts from the right, e.g. () or "
+                                     f"{b.shape[1:]}")
+                if what == "scale" and not isinstance(other.constraint, type(constraints.positive)):
+                    raise ModelError(f"{model_name}: group effect {b.name!r} has scale={ref!r}, which must be a "
+                                     "positive parameter (constraint positive)")
+
+    # --- group effects: partial centring ---------------------------------------------------
+    def _lam(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The centring of ``name`` in ``like``'s dtype and device (cached: the step calls this every time)."""
+        key = (name, like.dtype, like.device)
+        lam = self._cast.get(key)
+        if lam is None:  # set_centering empties the cache
+            lam = self._cast[key] = self.centering[name].to(dtype=like.dtype, device=like.device)
+        return lam
+
+    def set_centering(self, name: str, value) -> None:
+        """Fix how far group effect ``name`` is centred, per element (values in [0, 1])."""
+        value = torch.as_tensor(value, dtype=torch.float64).expand(self.centering[name].shape).clone()
+        if not bool(((value >= 0) & (value <= 1)).all()):
+            raise ValueError(f"centring of {name!r} must lie in [0, 1]")
+        self.centering[name] = value
+        self._cast = {k: v for k, v in self._cast.items() if k[0] != name}
+
+    def loc_scale(self, b: ParamBlock, theta: Mapping[str, torch.Tensor], like: torch.Tensor):
+        """A group effect's loc and log scale, shaped (S, *block shape) for broadcasting."""
+        S = like.shape[0]
+
+        def value(ref):
+            if not isinstance(ref, str):
+                return torch.as_tensor(float(ref), dtype=like.dtype, device=like.device)
+            v = theta[ref]
+            return v.reshape((S,) + (1,) * (len(b.shape) - (v.dim() - 1)) + tuple(v.shape[1:]))
+
+        loc = value(b.loc)
+        scale = value(b.scale)
+        return loc, scale.log()
+
+    def _constrain_group(self, b: ParamBlock, u: torch.Tensor, theta) -> tuple[torch.Tensor, torch.Tensor]:
+        # theta = loc + scale^(1-lam) (u - lam loc): lam = 1 is the centred form (u is theta), lam = 0
+        # the non-centred one (u ~ N(0, 1) a priori); log|dtheta/du| = (1 - lam) log scale per element
+        # (Gorinova, Moore, Hoffman, "Automatic Reparameterisation of Probabilistic Programs", ICML 2020).
+        lam = self._lam(b.name, u)
+        loc, log_scale = self.loc_scale(b, theta, u)
+        power = (1.0 - lam) * log_scale
+        x = loc + power.exp() * (u - lam * loc)
+        return x, power.expand(x.shape).reshape(u.shape[0], -1).sum(-1)
+
+    def _unconstrain_group(self, b: ParamBlock, x: torch.Tensor, theta) -> torch.Tensor:
+        lam = self._lam(b.name, x)
+        loc, log_scale = self.loc_scale(b, theta, x)
+        return lam * loc + (x - loc) * ((lam - 1.0) * log_scale).exp()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The chosen centrings (what a resume and a saved posterior need besides the family)."""
+        return {name: lam.clone() for name, lam in self.centering.items()}
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        for name in self.centering:
+            if name not in saved:
+                raise ModelError(f"no centring saved for group effect {name!r}")
+            value = torch.as_tensor(saved[name], dtype=torch.float64)
+            if tuple(value.shape) != tuple(self.centering[name].shape):
+                raise ModelError(f"saved centring of {name!r} has shape {tuple(value.shape)}; expected "
+                                 f"{tuple(self.centering[name].shape)}")
+            self.set_centering(name, value)
 
     def __len__(self) -> int:
         return self.size
@@ -232,23 +331,34 @@ class ParamSpace:
         return torch.cat([u[b.name].reshape(S, b.size) for b in self.blocks], dim=1)
 
     def constrain(self, z: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Map z (S, K) to constrained draws {name: (S, *shape)} and log|det J| of shape (S,)."""
+        """Map z (S, K) to constrained draws {name: (S, *shape)} and log|det J| of shape (S,).
+
+        Group effects come after the parameters their loc and scale name, whatever the order.
+        """
         S = z.shape[0]
         theta = {}
         log_det = None
-        for b in self.blocks:
-            u = z[:, b.offset : b.offset + b.size]
-            if b.unconstrained_shape != (b.size,):
-                u = u.reshape((S,) + b.unconstrained_shape)
-            if b.identity:  # real-valued: the unconstrained block is the parameter
-                theta[b.name] = u
-                continue
-            x = b.transform(u)
-            theta[b.name] = x
-            ld = b.transform.log_abs_det_jacobian(u, x).reshape(S, -1).sum(-1)
-            log_det = ld if log_det is None else log_det + ld
+        for group_pass in (False, True):
+            for b in self.blocks:
+                if b.is_group_effect != group_pass:
+                    continue
+                u = z[:, b.offset : b.offset + b.size]
+                if b.unconstrained_shape != (b.size,):
+                    u = u.reshape((S,) + b.unconstrained_shape)
+                if b.identity:  # real-valued: the unconstrained block is the parameter
+                    theta[b.name] = u
+                    continue
+                if group_pass:
+                    x, ld = self._constrain_group(b, u, theta)
+                else:
+                    x = b.transform(u)
+                    ld = b.transform.log_abs_det_jacobian(u, x).reshape(S, -1).sum(-1)
+                theta[b.name] = x
+                log_det = ld if log_det is None else log_det + ld
         if log_det is None:
             log_det = z.new_zeros(S)
+        if self.centering:
+            theta = {name: theta[name] for name in self.names}
         return theta, log_det
 
     def unconstrain(self, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -257,7 +367,7 @@ class ParamSpace:
         for b in self.blocks:
             x = torch.as_tensor(theta[b.name])
             S = x.shape[0]
-            u = b.transform.inv(x)
+            u = self._unconstrain_group(b, x, theta) if b.is_group_effect else b.transform.inv(x)
             parts.append(u.reshape(S, b.size))
         return torch.cat(parts, dim=1)
 
@@ -271,7 +381,12 @@ class ParamSpace:
             x = torch.as_tensor(init, dtype=dtype).expand(b.shape).unsqueeze(0)
             if not bool(b.constraint.check(x).all()):
                 raise ModelError(f"Param {b.name!r}: init {init!r} violates its constraint {b.constraint!r}")
-            z[b.offset : b.offset + b.size] = b.transform.inv(x).reshape(b.size)
+            if b.is_group_effect:  # its z depends on the loc and scale at this start
+                theta, _ = self.constrain(z.unsqueeze(0))
+                x = self._unconstrain_group(b, x.to(dtype), theta)
+            else:
+                x = b.transform.inv(x)
+            z[b.offset : b.offset + b.size] = x.reshape(b.size)
         return z
 
     def unconstrained_names(self) -> list[str]:
@@ -300,7 +415,23 @@ class ParamSpace:
                 constraint = {"name": "unknown", "repr": repr(b.constraint)}
             out[b.name] = {"shape": list(b.shape), "unconstrained_shape": list(b.unconstrained_shape),
                            "constraint": constraint}
+            if b.is_group_effect:
+                out[b.name]["group"] = {"loc": b.loc, "scale": b.scale,
+                                        "centering": self.centering[b.name].reshape(-1).tolist()}
         return out
+
+    def load_centering(self, spec: Mapping[str, Mapping]) -> None:
+        """Set the group effects' centrings recorded in :meth:`spec`.
+
+        Raises:
+            ModelError: a group effect without its centring, or one of another shape.
+        """
+        for name, lam in self.centering.items():
+            group = spec.get(name, {}).get("group") if isinstance(spec.get(name), Mapping) else None
+            values = group.get("centering") if isinstance(group, Mapping) else None
+            if not isinstance(values, list) or len(values) != lam.numel():
+                raise ModelError(f"parameter {name!r}: its recorded centring is missing or has the wrong length")
+            self.set_centering(name, torch.tensor(values, dtype=torch.float64).reshape(lam.shape))
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Mapping], model_name: str = "model") -> "ParamSpace":
@@ -315,10 +446,13 @@ class ParamSpace:
             try:
                 c = entry["constraint"]
                 constraint = svi_constraints.from_repr(c) if isinstance(c, str) else svi_constraints.from_spec(c)
-                params[name] = Param(tuple(entry["shape"]), constraint)
-            except (KeyError, TypeError, svi_constraints.ConstraintSpecError) as e:
+                group = entry.get("group") or {}
+                params[name] = Param(tuple(entry["shape"]), constraint, loc=group.get("loc"),
+                                     scale=group.get("scale"), centering=0.0 if group else "auto")
+            except (KeyError, TypeError, AttributeError, svi_constraints.ConstraintSpecError) as e:
                 raise ModelError(f"parameter {name!r}: {e}") from None
         space = cls(params, model_name)
+        space.load_centering(spec)
         for b in space.blocks:
             if list(b.unconstrained_shape) != list(spec[b.name].get("unconstrained_shape", b.unconstrained_shape)):
                 raise ModelError(f"parameter {b.name!r}: unconstrained shape {spec[b.name]['unconstrained_shape']} "

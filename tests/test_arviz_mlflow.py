@@ -78,16 +78,16 @@ def test_posterior_dims_are_named_from_the_column_mapping_and_group_ids(hierarch
     post = idata.posterior
     assert set(idata.groups()) == {"posterior"}
     assert post["w"].dims == ("chain", "draw", "x") and list(post["x"].values) == ["a", "b", "c"]
-    assert post["alpha_raw"].dims == ("chain", "draw", "school") and list(post["school"].values) == list(range(6))
-    assert post["w_raw"].dims == ("chain", "draw", "school", "x")
+    assert post["alpha"].dims == ("chain", "draw", "school") and list(post["school"].values) == list(range(6))
+    assert post["beta"].dims == ("chain", "draw", "school", "x")
     assert post["tau_w"].dims == ("chain", "draw", "x")
     assert post["mu"].dims == ("chain", "draw") and post.sizes["chain"] * post.sizes["draw"] == 400
     # the draws are those of post.sample, laid out chain by chain
     draws = hierarchical.sample(400, seed=0)
-    assert np.array_equal(post["w_raw"].values.reshape(400, 6, 3), draws["w_raw"].double().numpy())
+    assert np.array_equal(post["beta"].values.reshape(400, 6, 3), draws["beta"].double().numpy())
     table, noise = _arviz_warnings(caplog, lambda: az.summary(idata))
     assert not noise, noise  # no "Shape validation failed" (R-hat on one chain) nor any other warning
-    assert "w[a]" in table.index and "alpha_raw[3]" in table.index and "w_raw[2, c]" in table.index
+    assert "w[a]" in table.index and "alpha[3]" in table.index and "beta[2, c]" in table.index
     ours = hierarchical.summary(n=400, seed=0)
     assert np.isclose(table.loc["w[b]", "mean"], ours.loc["w[1]", "mean"], atol=1e-3)
 
@@ -201,8 +201,7 @@ def test_mlflow_model_has_a_signature_pinned_requirements_and_kind_param(hierarc
     pd.testing.assert_frame_equal(prob, hierarchical.predict(rows, n=500, seed=1, kind="probability"))
     draws = hierarchical.sample(500, seed=1)  # P(y=1) by hand, with each row's group effects
     x, g = torch.tensor(rows[["a", "b", "c"]].to_numpy(), dtype=torch.float32), torch.tensor(rows["school"].to_numpy())
-    eta = draws["w"] @ x.T + draws["mu"][:, None] + draws["tau"][:, None] * draws["alpha_raw"][:, g]
-    eta = eta + (draws["tau_w"][:, None, :] * draws["w_raw"][:, g, :] * x).sum(-1)
+    eta = draws["alpha"][:, g] + (draws["beta"][:, g, :] * x).sum(-1)
     assert np.allclose(prob["probability"], torch.sigmoid(eta).mean(0).numpy(), atol=1e-5)
     mean = loaded.predict(rows, params={"draws": 4000})
     assert list(mean.columns) == ["mean", "sd", "q5", "q50", "q95"]

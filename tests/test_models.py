@@ -14,8 +14,8 @@ CASES = {
     "poisson": (SyntheticSpec("poisson", n_features=3), 3000),
     "student_t": (SyntheticSpec("student_t", n_features=3), 3000),
     "mixture": (SyntheticSpec("mixture", n_components=3), 3000),
-    # groups with much data each: centred; many groups with little data each: non-centred
-    "hierarchical_linear_centred": (SyntheticSpec("hierarchical_linear", n_features=3, n_groups=8, centered=True), 3000),
+    # groups with much data each (centred by svi) and many groups with little data each (non-centred)
+    "hierarchical_linear_rich": (SyntheticSpec("hierarchical_linear", n_features=3, n_groups=8), 3000),
     "hierarchical_linear": (SyntheticSpec("hierarchical_linear", n_features=3, n_groups=100), 1000),
     "hierarchical_logistic_slopes": (
         SyntheticSpec("hierarchical_logistic", n_features=2, n_groups=20, varying_slopes=True), 3000),

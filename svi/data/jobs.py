@@ -46,7 +46,7 @@ def _write_file(args) -> int:
 
 def write_synthetic(out: str | os.PathLike, model: str = "logistic", rows: int = 1_000_000, features: int = 10,
                     files: int = 8, row_group_size: int = 65_536, seed: int = 0, groups: int = 20,
-                    components: int = 3, varying_slopes: bool = False, centered: bool = False,
+                    components: int = 3, varying_slopes: bool = False,
                     workers: int | None = None) -> dict[str, Any]:
     """Write a partitioned Parquet data set drawn from a built-in model with known parameters.
 
@@ -61,7 +61,7 @@ def write_synthetic(out: str | os.PathLike, model: str = "logistic", rows: int =
 
     if rows < files:
         raise DataError(f"rows={rows} cannot fill files={files}: each file needs at least one row")
-    spec = SyntheticSpec(model, features, groups, components, varying_slopes, centered)
+    spec = SyntheticSpec(model, features, groups, components, varying_slopes)
     truth = {k: np.asarray(v).tolist() for k, v in make_truth(spec, seed).items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
