@@ -31,7 +31,7 @@ from svi.optim import StanStepSize, functional_kind, make_optimizer, make_schedu
 from svi.options import FitOptions
 from svi.tracking import NullTracker, Tracker
 from svi.transforms import ParamSpace
-from svi.warmstart import laplace_warm_start
+from svi.warmstart import find_mode, laplace_warm_start
 
 __all__ = ["FitContext", "TrainState", "StepInfo", "TrainResult", "NonFiniteError", "init_state", "step", "train",
            "evaluate_elbo"]
@@ -131,10 +131,9 @@ def build_family(ctx: FitContext) -> tuple[Family, str, bool]:
             log.info("warm start: L-BFGS towards the mode on %s of %s rows, then the best Gaussian on its path ...",
                      f"{rows:,}", f"{ctx.num_rows:,}")
         if ctx.space.auto_centering:
-            ws, centring = _centre_group_effects(ctx, _warm_start(ctx, start, "diag"), start, family.frame_kind)
+            start, centring = _centre_group_effects(ctx, start)
             note = centring + "; "
-        else:
-            ws = _warm_start(ctx, start, family.frame_kind)
+        ws = _warm_start(ctx, start, family.frame_kind)
         if ws is None:
             note = "warm start found no usable Gaussian (curvature not positive definite); started from init"
             warnings.warn(note, RuntimeWarning, stacklevel=3)
@@ -142,7 +141,7 @@ def build_family(ctx: FitContext) -> tuple[Family, str, bool]:
             family.set_frame(ws.loc, ws.scale, ws.precision if o.control_variate else None, ws.gradient)
             note, warm = "warm start: " + (note if ctx.space.auto_centering else "") + ws.note, True
     elif ctx.space.auto_centering:  # no warm start: centre from the data at the initial point
-        _, centring = _centre_group_effects(ctx, None, start, family.frame_kind, restart=False)
+        _, centring = _centre_group_effects(ctx, start, search=False)
         family = make_family(o.family, ctx.space.size, loc=ctx.space.initial_point(torch.float64, default=o.init),
                              scale=o.init_scale, dtype=ctx.dtype, rank=o.rank)
         note = f"no warm start; {centring}"
@@ -155,23 +154,27 @@ def _warm_start(ctx: FitContext, start: torch.Tensor, frame: str):
                               num_draws=o.warm_start_draws, seed=o.seed)
 
 
-def _centre_group_effects(ctx: FitContext, ws, start: torch.Tensor, frame: str, restart: bool = True,
-                          rounds: int = 2):
-    """Choose the "auto" group effects' centring from the data, then warm-start again in those coordinates.
+def _centre_group_effects(ctx: FitContext, start: torch.Tensor, search: bool = True, rounds: int = 2):
+    """Choose the "auto" group effects' centring from the data; returns (the point in the chosen
+    coordinates to warm-start from, a line for the log).
 
-    The first warm start runs non-centred (its mode is bounded whatever the groups; the centred
-    density is not as the scale goes to 0). The rounds use diagonal Gaussians whatever the family,
-    so both families centre alike (a full-covariance Laplace fit can prefer an early point of the
-    path, whose scale misleads the choice); the family's own Gaussian is formed last. Its point gives each group's data information and
-    scale (svi.centering); the point is carried to the new coordinates and L-BFGS runs from there.
-    A second round re-reads the information at the better mode (the non-centred mode overstates
-    the scale of data-rich groups several-fold). A round whose warm start fails keeps the last one.
+    Each round finds the mode by L-BFGS (no Gaussians: only the point is needed), reads each
+    group's data information and the groups' empirical-Bayes scale there (svi.centering), sets
+    the centring and carries the point, with that scale, to the new coordinates. The first round
+    runs non-centred: its mode is bounded whatever the groups, where the centred density is not
+    as the scale goes to 0; the second reads the information at the better mode. A round whose
+    mode search ends outside the support keeps the last one. Without ``search`` the centring is
+    read at ``start`` (no warm start).
     """
     space = ctx.space
     rows = ctx.warm_batch if ctx.warm_batch is not None else ctx.eval_batch
-    point = ws.loc if ws is not None else start
-    for _ in range(rounds if restart else 1):
-        before = space.state_dict()
+    point = start
+    for _ in range(rounds if search else 1):
+        if search:
+            found, _ = find_mode(ctx.model, space, rows, ctx.num_rows, point)
+            if not bool(torch.isfinite(found).all()):
+                break
+            point = found
         theta, _ = space.constrain(point.unsqueeze(0))
         chosen, scales = choose_centering(ctx.model, space, rows, ctx.num_rows, point)
         log.debug("centring round: scales at the point %s, implied by the groups' data %s; %s",
@@ -179,18 +182,9 @@ def _centre_group_effects(ctx: FitContext, ws, start: torch.Tensor, frame: str, 
                   {k: v.reshape(-1)[:4].tolist() for k, v in scales.items()}, describe_centering(chosen))
         for name, lam in chosen.items():  # every rank the same centring, whatever its rows
             space.set_centering(name, ctx.all_mean(lam))
-        if not restart:
-            break
         theta = {**theta, **{k: ctx.all_mean(v).to(theta[k]).unsqueeze(0) for k, v in scales.items()}}
-        moved = space.unconstrain(theta)[0]
-        again = _warm_start(ctx, moved, "diag")
-        if again is None:
-            space.load_state_dict(before)
-            break
-        ws, point = again, again.loc
-    if restart and frame != "diag" and ws is not None:  # the family's own Gaussian, from the chosen point
-        ws = _warm_start(ctx, ws.loc, frame) or ws
-    return ws, describe_centering(space.centering)
+        point = space.unconstrain(theta)[0]
+    return point, describe_centering(space.centering)
 
 
 def init_state(ctx: FitContext, family: Family, warm_note: str = "", eta: float | None = None,

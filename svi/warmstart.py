@@ -30,7 +30,7 @@ import torch
 from svi.model import Model
 from svi.transforms import ParamSpace
 
-__all__ = ["WarmStart", "laplace_warm_start"]
+__all__ = ["WarmStart", "laplace_warm_start", "find_mode"]
 
 
 @dataclass(frozen=True)
@@ -115,25 +115,7 @@ def laplace_warm_start(
     def objective(z):
         return -_log_density(model, space, z.unsqueeze(0), batch, lik_scale)[0]
 
-    def value_and_grad(x: np.ndarray):
-        z = torch.from_numpy(x).requires_grad_(True)
-        loss = objective(z)
-        if not bool(torch.isfinite(loss)):
-            return math.inf, np.zeros_like(x)  # outside the support: the line search backs off
-        (grad,) = torch.autograd.grad(loss, z)
-        return float(loss.detach()), grad.numpy()
-
-    path = [start.detach().to(torch.float64).numpy().copy()]
-    with torch.enable_grad():
-        result = scipy.optimize.minimize(
-            value_and_grad, path[0], jac=True, method="L-BFGS-B", callback=lambda xk: path.append(np.array(xk)),
-            options={"maxiter": max_iter, "maxcor": 20, "ftol": 1e-15, "gtol": 1e-10},
-        )
-    if np.all(np.isfinite(result.x)) and not np.array_equal(path[-1], result.x):
-        path.append(np.array(result.x))
-    path = [torch.from_numpy(p) for p in path]
-    converged = bool(result.success)
-    done = int(result.nit)
+    path, converged, done = _lbfgs_path(objective, start, max_iter)
 
     gen = torch.Generator().manual_seed(seed)
     eps = torch.randn(num_draws, K, generator=gen, dtype=torch.float64)
@@ -169,6 +151,40 @@ def laplace_warm_start(
     msg += f" with ELBO {best.elbo:.6g}" + (f"; {best.note}" if best.note else "") + (f"; skipped: {'; '.join(notes)}" if notes else "")
     return WarmStart(best.loc, best.scale, best.precision, best.gradient, best.elbo, best.iteration, done, converged,
                      msg)
+
+
+def _lbfgs_path(objective, start: torch.Tensor, max_iter: int) -> tuple[list[torch.Tensor], bool, int]:
+    """L-BFGS-B on ``objective`` from ``start``: (its path, start first; converged; iterations)."""
+
+    def value_and_grad(x: np.ndarray):
+        z = torch.from_numpy(x).requires_grad_(True)
+        loss = objective(z)
+        if not bool(torch.isfinite(loss)):
+            return math.inf, np.zeros_like(x)  # outside the support: the line search backs off
+        (grad,) = torch.autograd.grad(loss, z)
+        return float(loss.detach()), grad.numpy()
+
+    path = [start.detach().to(torch.float64).numpy().copy()]
+    with torch.enable_grad():
+        result = scipy.optimize.minimize(
+            value_and_grad, path[0], jac=True, method="L-BFGS-B", callback=lambda xk: path.append(np.array(xk)),
+            options={"maxiter": max_iter, "maxcor": 20, "ftol": 1e-15, "gtol": 1e-10},
+        )
+    if np.all(np.isfinite(result.x)) and not np.array_equal(path[-1], result.x):
+        path.append(np.array(result.x))
+    return [torch.from_numpy(p) for p in path], bool(result.success), int(result.nit)
+
+
+def find_mode(model: Model, space: ParamSpace, batch: Mapping[str, torch.Tensor], num_rows: int,
+              start: torch.Tensor, max_iter: int = 500) -> tuple[torch.Tensor, bool]:
+    """L-BFGS towards the mode of the unconstrained log density, without the Gaussians:
+    (the last point of the path, whether L-BFGS converged). What a search that only needs a
+    point (the centring of group effects) uses; it forms no Hessian."""
+    batch = _to_float64(batch)
+    n = next(iter(batch.values())).shape[0]
+    path, converged, _ = _lbfgs_path(
+        lambda z: -_log_density(model, space, z.unsqueeze(0), batch, num_rows / n)[0], start, max_iter)
+    return path[-1], converged
 
 
 def _gaussian_from_hessian(hess: torch.Tensor, frame: str) -> torch.Tensor | None:
