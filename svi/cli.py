@@ -53,8 +53,11 @@ def _print_fit_report(post, cfg) -> None:
             values.update(zip(element_names(name, arr.shape), arr.reshape(-1).tolist()))
         table["true"] = pd.Series(values)
         table["z"] = (table["mean"] - table["true"]) / table["sd"]
+    shown, folded = _fold_group_effects(table, post.space)
     with pd.option_context("display.max_rows", 60, "display.width", 120, "display.float_format", "{:.4g}".format):
-        print(table)
+        print(shown)
+    for line in folded:
+        print(line)
     info = post.info
     print(f"\n{info['steps']} steps, {'converged' if info['converged'] else 'NOT converged'}: {info['reason']}")
     if info.get("khat") is not None:
@@ -67,6 +70,29 @@ def _print_fit_report(post, cfg) -> None:
         print(f"MLflow run {info['run_id']}; open the UI with:  mlflow ui --backend-store-uri {uri}")
     if cfg is not None and cfg.output.posterior:
         print(f"posterior saved in {cfg.output.posterior}  (svi summary | sample | diagnose {cfg.output.posterior})")
+
+
+def _fold_group_effects(table, space, head: int = 5, most: int = 60):
+    """The table to print: every population-level row, and of a group effect with many elements
+    only the first ``head`` and its worst |z| when the truth is known, so the hyper-parameters are
+    never lost in pandas' "..." between a thousand group rows. Returns (table, one line per
+    folded group effect)."""
+    if len(table) <= most:
+        return table, []
+    keep, lines = [], []
+    for b in space.blocks:
+        rows = [r for r in table.index if r == b.name or r.startswith(b.name + "[")]
+        if not b.is_group_effect or len(rows) <= head:
+            keep += rows
+            continue
+        keep += rows[:head]
+        line = f"{b.name}: {len(rows) - head:,} more rows in the saved summary.csv"
+        if "z" in table.columns:
+            z = table.loc[rows, "z"].abs()
+            line += (f"; |z| against the truth: max {z.max():.2f} ({z.idxmax()}), {float((z > 3).mean()):.1%} "
+                     f"beyond 3, {float((z < 2).mean()):.1%} within 2")
+        lines.append(line)
+    return table.loc[keep], lines
 
 
 def cmd_fit(args) -> int:

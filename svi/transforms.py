@@ -263,7 +263,9 @@ class ParamSpace:
         key = (name, like.dtype, like.device)
         lam = self._cast.get(key)
         if lam is None:  # set_centering empties the cache
-            lam = self._cast[key] = self.centering[name].to(dtype=like.dtype, device=like.device)
+            lam = self.centering[name].to(dtype=like.dtype, device=like.device)
+            if not torch.compiler.is_compiling():  # a tensor made while tracing must not outlive the trace
+                self._cast[key] = lam
         return lam
 
     def set_centering(self, name: str, value) -> None:

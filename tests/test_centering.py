@@ -159,3 +159,22 @@ def test_centring_is_saved_with_checkpoints_and_posteriors(tmp_path):
                    svi.Posterior.load(tmp_path / "post", model=svi.models.HierarchicalLinearRegression(2, 12))):
         assert torch.equal(loaded.space.centering["alpha"], lam)
         assert torch.equal(loaded.sample(50, seed=3)["alpha"], straight.sample(50, seed=3)["alpha"])
+
+
+def test_the_cli_report_folds_many_group_rows_but_never_the_hyper_parameters():
+    import pandas as pd
+
+    from svi.cli import _fold_group_effects
+
+    model = svi.models.HierarchicalLinearRegression(2, 300)
+    space = ParamSpace(model.params)
+    names = space.constrained_names()
+    z = pd.Series(0.5, index=names)
+    z["alpha[17]"] = 3.5
+    table = pd.DataFrame({"mean": 0.0, "sd": 1.0, "z": z})
+    shown, lines = _fold_group_effects(table, space)
+    assert list(shown.index) == ["w[0]", "w[1]", "mu", "tau", *[f"alpha[{i}]" for i in range(5)], "sigma"]
+    assert lines == ["alpha: 295 more rows in the saved summary.csv; |z| against the truth: max 3.50 (alpha[17]), "
+                     "0.3% beyond 3, 99.7% within 2"]
+    small = table.iloc[:20]
+    assert _fold_group_effects(small, space)[0] is small  # a short table is printed whole
