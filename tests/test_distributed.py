@@ -118,6 +118,7 @@ def test_a_real_dask_cluster_serves_the_reads_of_a_two_rank_fit(tmp_path):
             p.wait()
 
 
+@pytest.mark.slow  # ~45 s: the elastic restart waits out torchrun's monitor interval and a new rendezvous
 def test_kill_one_rank_under_max_restarts_resumes_to_the_same_posterior(tmp_path):
     _make_data(tmp_path)
     args = ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "-m", "svi", "fit"]

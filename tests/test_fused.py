@@ -87,6 +87,7 @@ def test_fused_step_leaves_everything_untouched_on_a_non_finite_step():
     assert all(float(st["step"]) == 0 for st in state.optimizer.state.values())
 
 
+@pytest.mark.slow  # ~27 s of compilation on a fresh machine
 def test_compiled_step_with_group_effects_matches_the_module_step():
     """The centring chosen after the warm start is read inside the compiled graph: the trace must
     neither keep a tensor of its own (it did: 'Cannot access storage of TensorWrapper') nor differ."""

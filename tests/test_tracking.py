@@ -125,6 +125,7 @@ def test_a_server_lost_mid_run_then_back_gets_everything(server, tmp_path):
     assert not list((tmp_path / "ck").glob("unsent-mlflow-*.jsonl"))
 
 
+@pytest.mark.slow  # ~35 s: waits out the sender's give-up time; the lost-then-back case stays in the suite
 def test_a_server_that_never_comes_back_is_synced_later(server, tmp_path):
     post, messages = _losing_fit(ServerKiller(server, stop_at=350), server, tmp_path / "ck", wait=3.0)
     assert post.info["steps"] == 1200 and list_checkpoints(tmp_path / "ck")
