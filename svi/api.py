@@ -32,7 +32,8 @@ from svi.model import Model, ModelError, check_model_outputs
 from svi.options import SAFE_TO_CHANGE, FitOptions
 from svi.posterior import Posterior
 from svi.tracking import MLflowTracker, NullTracker, RunNotFoundError, Tracker, fit_status_tags
-from svi.trainer import (FitContext, build_family, init_state, load_state_dict, search_stan_eta, state_dict, train)
+from svi.trainer import (FitContext, build_family, group_effect_advice, init_state, load_state_dict, search_stan_eta,
+                         state_dict, train)
 from svi.transforms import ParamSpace
 
 __all__ = ["fit", "resolve_device", "default_batch_size", "fingerprint_of"]
@@ -428,8 +429,7 @@ def _end_of_fit_khat(post: Posterior, source, opts: FitOptions) -> None:
              time.perf_counter() - started)
     if result.khat > 0.7:
         warnings.warn(f"svi: PSIS k-hat = {result.khat:.2f} > 0.7: q is far from the posterior, do not trust its "
-                      "draws. Try family=fullrank; in a multilevel model, declare each group effect as one "
-                      "(svi.Param(loc=..., scale=...)) so svi chooses its centring from the data", RuntimeWarning, stacklevel=3)
+                      f"draws. Try family=fullrank{group_effect_advice(post.space)}", RuntimeWarning, stacklevel=3)
 
 
 def _log_outputs(post: Posterior, tracker: Tracker, opts: FitOptions) -> None:

@@ -407,7 +407,7 @@ def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker
     if checkpoint is not None:  # before the average below: a resume continues the trajectory itself
         checkpoint(state, stream, stop_reason)
     if not converged:
-        warnings.warn(f"svi: NOT converged: {reason}; the result may not be the optimum. {_what_to_try(stop_reason)}",
+        warnings.warn(f"svi: NOT converged: {reason}; the result may not be the optimum. {_what_to_try(stop_reason, ctx.space)}",
                       RuntimeWarning, stacklevel=2)
         if state.averager is not None and state.averager.phase_count:
             _load_params(state.family, state.averager.phase_average())
@@ -415,13 +415,19 @@ def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker
                        state.eta, state.nonfinite_total, time.perf_counter() - started)
 
 
-def _what_to_try(stop_reason: str) -> str:
+def _what_to_try(stop_reason: str, space: ParamSpace) -> str:
     """The advice that goes with a fit that stopped without converging."""
-    if stop_reason == "max_steps":
-        return ("Try: raise max_steps (a resume continues from here), or family=fullrank; a multilevel model "
-                "fits best with its group effects declared as such (svi.Param(loc=..., scale=...))")
-    return ("Try: raise max_decays, or a smaller lr, or family=fullrank; a multilevel model fits best with its "
-            "group effects declared as such (svi.Param(loc=..., scale=...))")
+    first = ("raise max_steps (a resume continues from here)" if stop_reason == "max_steps"
+             else "raise max_decays, or a smaller lr")
+    return f"Try: {first}, or family=fullrank{group_effect_advice(space)}"
+
+
+def group_effect_advice(space: ParamSpace) -> str:
+    """A clause for models that could declare group effects and do not (nothing when they do)."""
+    if space.centering:
+        return ""
+    return ("; a multilevel model fits best with its group effects declared as such "
+            "(svi.Param(loc=..., scale=...)), so svi chooses their centring from the data")
 
 
 def _end_of_window(ctx: FitContext, state: TrainState, window_elbos: list[float]) -> Decision:
