@@ -47,9 +47,10 @@ a shared machine: on 2 busy cores torch's default two intra-op threads made a Py
 (spinning), one thread did not (the numbers do not change; only the wall time does).
 
 Needs the ``bench`` extra (pyro-ppl, numpyro, jax) and pyarrow. On 2 shared cores with
-``--torch-threads 1``, a Pyro fit takes about 2-7 minutes, a NumPyro fit 20-60 seconds.
+``--torch-threads 1``, a Pyro fit takes about 2-7 minutes, a NumPyro fit 10-60 seconds (AutoMultivariateNormal
+on the 1,005 latents of logistic_intercepts_1000x8: about 4 minutes).
 
-Docs: Pyro SVI part I-II and autoguides (https://pyro.ai/examples/svi_part_i.html,
+Docs: Pyro's SVI tutorial and autoguides (https://pyro.ai/examples/svi_part_i.html,
 https://docs.pyro.ai/en/stable/infer.autoguide.html), Pyro reparametrisers
 (https://docs.pyro.ai/en/stable/infer.reparam.html, ``LocScaleReparam``); NumPyro SVI and autoguides
 (https://num.pyro.ai/en/stable/svi.html, https://num.pyro.ai/en/stable/autoguide.html), NumPyro
