@@ -340,7 +340,7 @@ class ParamSpace:
         S = z.shape[0]
         theta = {}
         log_det = None
-        for group_pass in (False, True):
+        for group_pass in (False, True) if self.centering else (False,):  # flat models: one pass
             for b in self.blocks:
                 if b.is_group_effect != group_pass:
                     continue
