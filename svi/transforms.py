@@ -433,7 +433,10 @@ class ParamSpace:
             values = group.get("centering") if isinstance(group, Mapping) else None
             if not isinstance(values, list) or len(values) != lam.numel():
                 raise ModelError(f"parameter {name!r}: its recorded centring is missing or has the wrong length")
-            self.set_centering(name, torch.tensor(values, dtype=torch.float64).reshape(lam.shape))
+            try:  # a file's numbers: in [0, 1] or refused, never a silently different transform
+                self.set_centering(name, torch.tensor(values, dtype=torch.float64).reshape(lam.shape))
+            except (TypeError, ValueError) as e:
+                raise ModelError(f"parameter {name!r}: recorded centring is not numbers in [0, 1] ({e})") from None
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Mapping], model_name: str = "model") -> "ParamSpace":

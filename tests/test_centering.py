@@ -178,3 +178,12 @@ def test_the_cli_report_folds_many_group_rows_but_never_the_hyper_parameters():
                      "0.3% beyond 3, 99.7% within 2"]
     small = table.iloc[:20]
     assert _fold_group_effects(small, space)[0] is small  # a short table is printed whole
+
+
+def test_a_recorded_centring_outside_zero_one_is_refused():
+    """posterior.json is data: a crafted centring (5, NaN, text) is an error, never another transform."""
+    spec = _space().spec()
+    for bad in (5.0, float("nan"), "x"):
+        spec["alpha"]["group"]["centering"] = [bad] * 5
+        with pytest.raises(ModelError, match="recorded centring is not numbers in"):
+            ParamSpace.from_spec(spec)

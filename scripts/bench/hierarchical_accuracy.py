@@ -162,6 +162,18 @@ def run(name: str, config: str, refs, data_dir: Path, ref_dir: Path = REF_DIR) -
     return out
 
 
+def selection(ap, args, known) -> tuple[list[str], list[str]]:
+    """(reference sets, configurations) from ``--sets`` (default: every set under ``--refs``) and
+    ``--configs``; an unknown configuration is an argparse error naming the known ones."""
+    names = [s for s in args.sets.split(",") if s] or sorted(p.name for p in args.refs.iterdir()
+                                                              if (p / "ref_summary.json").exists())
+    configs = [c for c in args.configs.split(",") if c]
+    bad = [c for c in configs if c not in known]
+    if bad:
+        ap.error(f"unknown configuration {bad[0]!r}; choose from {', '.join(known)}")
+    return names, configs
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sets", default="", help="comma-separated reference sets (default: all under tests/data)")
@@ -172,12 +184,7 @@ def main(argv=None) -> None:
     ap.add_argument("--verbose", action="store_true", help="print each fit's warm-start note and stop reason")
     args = ap.parse_args(argv)
     refs = _refs_module()
-    names = [s for s in args.sets.split(",") if s] or sorted(p.name for p in args.refs.iterdir()
-                                                              if (p / "ref_summary.json").exists())
-    configs = [c for c in args.configs.split(",") if c]
-    bad = [c for c in configs if c not in CONFIGS]
-    if bad:
-        ap.error(f"unknown configuration {bad[0]!r}; choose from {', '.join(CONFIGS)}")
+    names, configs = selection(ap, args, CONFIGS)
 
     head = ("| data set | config | worst mean err (ref sd) | at | worst sd ratio | at | misses mean/sd of n "
             "| steps | converged | wall s |")

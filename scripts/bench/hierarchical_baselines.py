@@ -242,12 +242,7 @@ def main(argv=None) -> None:
     torch_default = torch.get_num_threads()
     jax.config.update("jax_enable_x64", True)
     refs = hacc._refs_module()
-    names = [s for s in args.sets.split(",") if s] or sorted(p.name for p in args.refs.iterdir()
-                                                              if (p / "ref_summary.json").exists())
-    configs = [c for c in args.configs.split(",") if c]
-    bad = [c for c in configs if c not in CONFIGS]
-    if bad:
-        ap.error(f"unknown configuration {bad[0]!r}; choose from {', '.join(CONFIGS)}")
+    names, configs = hacc.selection(ap, args, CONFIGS)
 
     head = "| data set | config | worst mean err (ref sd) | at | worst sd ratio | at | misses mean/sd of n | wall s |"
     print(head)
