@@ -205,18 +205,21 @@ def test_csv_to_parquet_round_trip(tmp_path):
 def test_reads_through_a_real_dask_cluster_match_local_reads(ragged):
     from distributed import LocalCluster
 
-    folder, _ = ragged
+    folder, total = ragged
     local = _source(folder)
-    expected = [next(local.stream(4, seed=2)) for _ in range(1)]
+    stream_l = local.stream(4, seed=2)
+    expected = [next(stream_l) for _ in range(12)]  # one epoch of the 42 rows (11 batches) and one more batch
+    first_epoch = torch.cat([b["id"] for b in expected[:11]])
+    assert sorted(first_epoch.tolist()) == list(range(total)) and len(expected[11]["id"]) == 4
+    assert all(torch.equal(b["v"], (b["id"].double() / 10).to(b["v"].dtype)) for b in expected)  # each row's own v
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         remote = _source(folder, scheduler=cluster.scheduler_address)
-        stream_l, stream_r = local.stream(4, seed=2), remote.stream(4, seed=2)
-        for _ in range(12):
-            a, b = next(stream_l), next(stream_r)
-            assert torch.equal(a["id"], b["id"]) and torch.equal(a["v"], b["v"])
+        stream_r = remote.stream(4, seed=2)
+        got = [next(stream_r) for _ in range(12)]
         remote.close()
     local.close()
-    assert expected
+    for a, b in zip(expected, got):
+        assert torch.equal(a["id"], b["id"]) and torch.equal(a["v"], b["v"]), (a["id"], b["id"])
 
 
 def test_streaming_fit_recovers_the_truth_and_matches_the_in_memory_fit(tmp_path):

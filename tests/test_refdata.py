@@ -2,8 +2,14 @@
 project; tests/data/posteriordb holds the data, the Stan models, licence and citation).
 
 fullrank: every mean within 0.1 reference sd and every sd within 10 %.
-meanfield: every mean within 0.25 reference sd (its sds are its own KL optimum, narrower
+meanfield: every mean within 0.1 reference sd (its sds are its own KL optimum, narrower
 where the posterior is correlated; the README reports them).
+
+Each case starts where the optimiser, not the warm start, has to reach the tolerance: diamonds
+from the default warm start (on all 5,000 rows it lands 0.25 reference sd off), the other two
+from a warm start on 20 rows (tests/conftest.py), since their default warm start is already
+within the tolerance. test_do_nothing_fails_the_reference_tolerances checks that each start,
+and no warm start, fails these tolerances when the optimiser does not move.
 """
 
 import numpy as np
@@ -12,7 +18,7 @@ from torch.distributions import StudentT
 
 import svi
 from svi.models import GaussianMixture, LinearRegression, _lpdf
-from tests.conftest import posteriordb
+from tests.conftest import SUBSAMPLE_START, fit_doing_nothing, posteriordb
 
 
 class Diamonds(svi.Model):
@@ -60,6 +66,9 @@ def radon():
 
 
 CASES = {"diamonds": diamonds, "low_dim_gauss_mix": gauss_mix, "radon_pooled": radon}
+STARTS = {"diamonds": {}, "low_dim_gauss_mix": SUBSAMPLE_START, "radon_pooled": SUBSAMPLE_START}
+MEAN_TOL = 0.1  # worst |mean - reference mean| / reference sd, both families
+SD_TOL = 0.1  # fullrank: worst |sd / reference sd - 1|
 
 
 def _errors(post, ref, names):
@@ -69,24 +78,43 @@ def _errors(post, ref, names):
     return mean_err, sd_ratio
 
 
+def _worst(mean_err, sd_ratio):
+    """(name, error) of the worst mean and of the sd ratio farthest from 1."""
+    worst_mean = max(mean_err, key=mean_err.get)
+    worst_sd = max(sd_ratio, key=lambda n: abs(sd_ratio[n] - 1))
+    return (worst_mean, mean_err[worst_mean]), (worst_sd, abs(sd_ratio[worst_sd] - 1))
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_fullrank_matches_the_reference_posterior(case):
     model, data, ref, names = CASES[case]()
-    post = svi.fit(model, data, family="fullrank", seed=0)
+    post = svi.fit(model, data, family="fullrank", **({"seed": 0} | STARTS[case]))
     assert post.info["converged"], post.info["reason"]
-    mean_err, sd_ratio = _errors(post, ref, names)
-    worst_mean = max(mean_err, key=mean_err.get)
-    worst_sd = max(sd_ratio, key=lambda n: abs(sd_ratio[n] - 1))
-    assert mean_err[worst_mean] < 0.1, f"{worst_mean}: mean off by {mean_err[worst_mean]:.3f} reference sd"
-    assert abs(sd_ratio[worst_sd] - 1) < 0.1, f"{worst_sd}: sd ratio {sd_ratio[worst_sd]:.3f}"
+    (worst_mean, mean_err), (worst_sd, sd_err) = _worst(*_errors(post, ref, names))
+    assert mean_err < MEAN_TOL, f"{worst_mean}: mean off by {mean_err:.3f} reference sd"
+    assert sd_err < SD_TOL, f"{worst_sd}: sd ratio off 1 by {sd_err:.3f}"
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_meanfield_means_match_the_reference_posterior(case):
     model, data, ref, names = CASES[case]()
-    post = svi.fit(model, data, family="meanfield", seed=0)
+    post = svi.fit(model, data, family="meanfield", **({"seed": 0} | STARTS[case]))
     assert post.info["converged"], post.info["reason"]
     mean_err, sd_ratio = _errors(post, ref, names)
-    worst = max(mean_err, key=mean_err.get)
-    assert mean_err[worst] < 0.25, f"{worst}: mean off by {mean_err[worst]:.3f} reference sd"
+    (worst, err), _ = _worst(mean_err, sd_ratio)
+    assert err < MEAN_TOL, f"{worst}: mean off by {err:.3f} reference sd"
     print(f"\n{case} meanfield sd / reference sd: " + ", ".join(f"{n} {r:.3f}" for n, r in sd_ratio.items()))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("family", ["fullrank", "meanfield"])
+def test_do_nothing_fails_the_reference_tolerances(case, family):
+    """The two tests above start where a fit that does not move fails their mean tolerance; with no
+    warm start it also fails the sd tolerance."""
+    model, data, ref, names = CASES[case]()
+    post = fit_doing_nothing(model, data, family, **({"seed": 0} | STARTS[case]))
+    (worst, err), _ = _worst(*_errors(post, ref, names))
+    assert err > MEAN_TOL, f"{worst}: a start {err:.3f} reference sd off passes without the optimiser"
+    post = fit_doing_nothing(CASES[case]()[0], data, family, seed=0, warm_start="none")
+    (_, mean_err), (_, sd_err) = _worst(*_errors(post, ref, names))
+    assert mean_err > 3 * MEAN_TOL and sd_err > 3 * SD_TOL, (mean_err, sd_err)
