@@ -151,6 +151,11 @@ class IterateAverager:
         self.phase_count = int(state["phase_count"])
 
 
+def worst_allowed(num_coordinates: int) -> float:
+    """The single-coordinate bound of the posterior rule, in units of ``tol_param``."""
+    return max(4.0, math.sqrt(2.0 * math.log(max(num_coordinates, 1))) + 1.0)
+
+
 def _rms(x: torch.Tensor) -> float:
     return float(x.double().pow(2).mean().sqrt())
 
@@ -162,7 +167,10 @@ class PosteriorConvergence:
         tol_param: converged when, between the averages of two consecutive phases, the means
             moved by less than ``tol_param`` of q's sd and the sds changed by less than a relative
             ``tol_param``, both as root mean squares over the coordinates, and no single
-            coordinate moved by more than 4 x ``tol_param``.
+            coordinate moved by more than ``max(4, sqrt(2 ln K) + 1) x tol_param`` (K coordinates:
+            the largest of K averaging errors whose root mean square is ``tol_param`` is about
+            ``sqrt(2 ln K) x tol_param``, so a fixed 4 would never be met by models of many
+            thousands of parameters whose every coordinate is within tolerance).
         max_decays: stop after this many step-size decays even if not yet within tolerance.
         min_windows: a phase lasts at least this many windows before it may stall.
     """
@@ -202,7 +210,7 @@ class PosteriorConvergence:
             detail = f"means moved {moved:.3g} sd, sds changed {rescaled:.3g} (rms), worst {worst:.3g}"
             stats = {"stop_mean_move_sd": moved, "stop_sd_change": rescaled, "stop_worst_change": worst,
                      "stop_tolerance": self.tol_param, "stop_decays": float(self.decays)}
-            if moved < self.tol_param and rescaled < self.tol_param and worst < 4 * self.tol_param:
+            if moved < self.tol_param and rescaled < self.tol_param and worst < worst_allowed(mean.numel()) * self.tol_param:
                 return Decision(converged=True, reason=f"posterior stable: {detail}", stats=stats)
             detail = "stall: " + detail
         else:

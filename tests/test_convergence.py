@@ -61,6 +61,16 @@ def test_posterior_rule_converges_when_the_phase_average_stops_moving():
     one_far = torch.zeros(100)
     one_far[7] = 0.3  # rms 0.03, but one coordinate moved 0.3 sd > 4 x tol
     assert not lone.phase_end(one_far, torch.ones(100)).converged
+    # Many coordinates: averaging noise of rms 0.04 sd reaches about sqrt(2 ln K) x 0.04 in its
+    # largest coordinate; with K = 20,000 a worst move of 0.22 sd is that noise, not a drift.
+    many = PosteriorConvergence(tol_param=0.05)
+    many.phase_end(torch.zeros(20_000), torch.ones(20_000))
+    noise = torch.full((20_000,), 0.04)
+    noise[3] = 0.22
+    assert many.phase_end(noise, torch.ones(20_000)).converged
+    few = PosteriorConvergence(tol_param=0.05)
+    few.phase_end(torch.zeros(100), torch.ones(100))
+    assert not few.phase_end(noise[:100], torch.ones(100)).converged  # 0.22 > 4 x tol among 100
     capped = PosteriorConvergence(tol_param=1e-9, max_decays=1)
     capped.phase_end(torch.zeros(1), torch.ones(1))
     gave_up = capped.phase_end(torch.ones(1), torch.ones(1))
