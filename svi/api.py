@@ -25,6 +25,7 @@ import torch
 from svi import distributed as dist
 from svi.checkpoint import (JOB_FILE, CheckpointError, atomic_write_text, latest_checkpoint, remove_stale_temporaries,
                             save_checkpoint)
+from svi.data.columns import DataError
 from svi.data.parquet import ParquetSource
 from svi.data.source import open_source, raise_if_unknown, standardize
 from svi.elbo import anchor_statistics
@@ -89,6 +90,7 @@ def fit(
             its truth), in place before the posterior is saved or logged.
         **options: any field of :class:`svi.options.FitOptions`.
     """
+    began = time.perf_counter()
     opts = FitOptions.from_dict({"family": family, **options})
     dtype = getattr(torch, opts.dtype)
     world = dist.setup(opts.device)
@@ -106,7 +108,7 @@ def fit(
                 if hasattr(model, "use_data_stats"):
                     model.use_data_stats(stats)
             record = {"data_path": _data_path(data), **(record or {})}
-            post = _fit(model, space, source, opts, dtype, device, tracker, world, columns, job_yaml, record)
+            post = _fit(model, space, source, opts, dtype, device, tracker, world, columns, job_yaml, record, began)
             clean = True
             return post
         finally:
@@ -115,6 +117,23 @@ def fit(
                 source.close()
     finally:
         dist.teardown(world, clean)
+
+
+def _heldout_rows(model: Model, opts: FitOptions, columns, dtype, device) -> dict[str, torch.Tensor] | None:
+    """The rows kept out of the fit (``options.heldout``), read with the fit's columns and checks:
+    all of them, or a uniform sample of ``heldout_rows``."""
+    if opts.heldout is None:
+        return None
+    if opts.standardize:
+        raise DataError(f"heldout={opts.heldout!r} with standardize={opts.standardize}: held-out rows are not "
+                        "standardised with the fit's statistics yet; standardise the columns in the data instead")
+    source = open_source(opts.heldout, columns, model.batch_keys, model.integer_keys, dtype,
+                         opts.replace(row_filter=None), validate=model.validate)
+    try:
+        return _to(source.sample(opts.heldout_rows, opts.seed + 31), device)
+    finally:
+        if hasattr(source, "close"):
+            source.close()
 
 
 def _resolved_columns(source) -> dict[str, list[str]] | None:
@@ -145,7 +164,7 @@ def _intra_op_threads(requested: int | None, source) -> int:
 
 
 def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, columns=None,
-         job_yaml=None, record=None) -> Posterior:
+         job_yaml=None, record=None, began: float | None = None) -> Posterior:
     # An error that one rank finds before training stops every rank with the same message, instead
     # of leaving the others to die in their first collective (see dist.agreed).
     with dist.agreed(world):
@@ -157,7 +176,11 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
             model=model, space=space, options=opts, num_rows=num_rows, dtype=dtype, device=device,
             eval_batch=_to(source.sample(opts.eval_rows, opts.seed + 11), device),
             warm_batch=source.sample(opts.warm_start_rows, opts.seed + 13) if opts.warm_start != "none" else None,
-            rank=world.rank, world_size=world.world_size, world=world,
+            heldout_batch=_heldout_rows(model, opts, columns, dtype, device) if world.rank == 0 else None,
+            rank=world.rank, world_size=world.world_size, world=world, started=began or time.perf_counter(),
+            reanchor=lambda z: anchor_statistics(model, space, z, source.chunks(rank=world.rank,
+                                                                                world_size=world.world_size),
+                                                 reduce_sum=lambda t: dist.all_mean(t, world) * world.world_size),
         )
         resume = _find_checkpoint(opts, world)
         if resume is not None:
@@ -180,9 +203,7 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
             anchor = None
             if warm and opts.control_variate and batch * world.world_size < num_rows:
                 started = time.perf_counter()
-                anchor = anchor_statistics(model, space, fam.frame_loc,
-                                           source.chunks(rank=world.rank, world_size=world.world_size),
-                                           reduce_sum=lambda t: dist.all_mean(t, world) * world.world_size)
+                anchor = ctx.reanchor(fam.frame_loc)
                 log.info("full-data pass for the control variate: %s rows in %.1f s", f"{num_rows:,}",
                          time.perf_counter() - started)
             state = init_state(ctx, fam, note, eta, trainable=dist.wrap(fam, world), anchor=anchor)
@@ -208,6 +229,7 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
             "seconds": result.seconds, "num_rows": num_rows, "batch_size": batch,
             "dropped_rows": getattr(source, "dropped_rows", 0), "world_size": world.world_size,
             "fingerprints": fingerprints, "options": dataclasses.asdict(opts), "history": result.history,
+            "heldout_lpd": result.heldout,
             "run_id": tracker.run_id, "columns": dict(columns) if columns else None,
             "resolved_columns": _resolved_columns(source), **(record or {}),
         }
@@ -277,7 +299,10 @@ def _check_compatible(saved: Mapping, opts: FitOptions, fingerprints: Mapping, w
             problems.append(f"the {what} differs (fingerprint {saved['fingerprints'][what]} vs {fingerprints[what]})")
     if saved["world_size"] != world_size:
         problems.append(f"world size {saved['world_size']} vs {world_size}: resume with the same number of processes")
-    old, new = saved["options"], dataclasses.asdict(opts)
+    new = dataclasses.asdict(opts)
+    # an option added after the checkpoint was written counts as its default there
+    old = {**{k: v for k, v in dataclasses.asdict(FitOptions()).items() if k not in saved["options"]},
+           **saved["options"]}
     # these always differ on a resume; missing_run and tracking_wait only say what to do if the
     # tracking store is gone, so they are neither compared nor required of older checkpoints
     how_to_resume = {"resume", "force_resume", "checkpoint_dir", "missing_run", "tracking_wait"}
@@ -413,6 +438,10 @@ def _run_params(opts, model, space, fingerprints, num_rows, world) -> dict:
     }
 
 
+_KHAT_ROW_BUDGET = 50_000_000  # rows x parameters of the end-of-fit k-hat (~10 s on 2 cores)
+_KHAT_MIN_ROWS = 2_000
+
+
 def _end_of_fit_khat(post: Posterior, source, opts: FitOptions) -> None:
     """PSIS k-hat on ``opts.khat_rows`` rows into ``post.info``, warned about above 0.7."""
     if not opts.khat_rows:
@@ -420,11 +449,13 @@ def _end_of_fit_khat(post: Posterior, source, opts: FitOptions) -> None:
     from svi.diagnostics import psis_on_rows
 
     started = time.perf_counter()
+    # 1,000 draws x rows x (work per row ~ parameters): bound it as the model grows
+    rows = min(opts.khat_rows, max(_KHAT_MIN_ROWS, _KHAT_ROW_BUDGET // post.space.size))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one warning below, with advice, instead of the diagnostic's own
-        result = psis_on_rows(post, source, opts.khat_rows, seed=opts.seed + 31)
+        result = psis_on_rows(post, source, rows, seed=opts.seed + 31)
     post.info["khat"] = result.khat
-    post.info["khat_rows"] = min(opts.khat_rows, source.num_rows)
+    post.info["khat_rows"] = min(rows, source.num_rows)
     log.info("PSIS k-hat %.2f on %s rows in %.1f s", result.khat, f"{post.info['khat_rows']:,}",
              time.perf_counter() - started)
     if result.khat > 0.7:

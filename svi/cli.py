@@ -239,7 +239,8 @@ def cmd_data(args) -> int:
 
     if args.data_cmd == "make":
         meta = jobs.write_synthetic(args.out, args.model, args.rows, args.features, args.files, args.row_group_size,
-                                    args.seed, args.groups, args.components, args.varying_slopes)
+                                    args.seed, args.groups, args.components, args.varying_slopes,
+                                    heldout=args.heldout)
         print(f"wrote {meta['rows']:,} rows in {args.files} files to {args.out}; columns {meta['columns']}")
     elif args.data_cmd == "convert":
         rows = jobs.csv_to_parquet(args.src, args.out, args.blocksize, args.row_group_size, args.scheduler)
@@ -337,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--components", type=int, default=3)
     m.add_argument("--varying-slopes", action="store_true")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--heldout", type=int, default=0, help="rows written to <out>-heldout from the same truth")
     c = dsub.add_parser("convert", help="convert CSV to Parquet with Dask")
     c.add_argument("src")
     c.add_argument("out")

@@ -53,6 +53,7 @@ class MakeConfig:
     components: int = 3
     varying_slopes: bool = False
     seed: int = 0
+    heldout: int = 0  # rows written to <data.path>-heldout (for data.heldout)
 
 
 @dataclass
@@ -69,6 +70,10 @@ class DataConfig:
     nan_policy: str = "error"
     storage_options: Optional[Dict[str, Any]] = None
     cache_dir: Optional[str] = None
+    heldout: Optional[str] = None  # Parquet rows kept out of the fit, scored as heldout_lpd
+    heldout_rows: int = 10_000
+    heldout_every: int = 500
+    heldout_draws: int = 32
 
 
 @dataclass
@@ -113,7 +118,8 @@ _FIT_KEYS = {f.name for f in dataclasses.fields(FitOptions)}
 # fit options that the data, tracking and checkpoint sections set
 _ELSEWHERE = {
     **{k: f"data.{k}" for k in ("row_filter", "scheduler", "standardize", "in_memory_rows", "shuffle_units", "prefetch",
-                                "nan_policy", "storage_options", "cache_dir")},
+                                "nan_policy", "storage_options", "cache_dir", "heldout", "heldout_rows",
+                                "heldout_every", "heldout_draws")},
     "tracking": "tracking.enabled", "tracking_uri": "tracking.uri", "missing_run": "tracking.missing_run", "tracking_wait": "tracking.wait",
     "experiment": "tracking.experiment",
     "run_name": "tracking.run_name", "system_metrics": "tracking.system_metrics",
@@ -206,7 +212,8 @@ def fit_options(cfg: DictConfig) -> FitOptions:
         "scheduler": d.scheduler, "standardize": list(d.standardize), "in_memory_rows": d.in_memory_rows,
         "shuffle_units": d.shuffle_units, "prefetch": d.prefetch, "nan_policy": d.nan_policy,
         "storage_options": OmegaConf.to_container(d.storage_options) if d.storage_options is not None else None,
-        "cache_dir": d.cache_dir,
+        "cache_dir": d.cache_dir, "heldout": d.heldout, "heldout_rows": d.heldout_rows,
+        "heldout_every": d.heldout_every, "heldout_draws": d.heldout_draws,
         "tracking": t.enabled, "tracking_uri": t.uri, "missing_run": t.missing_run, "tracking_wait": t.wait,
         "experiment": t.experiment,
         "run_name": t.run_name or cfg.name,  # the job's name, not MLflow's random one
@@ -263,7 +270,7 @@ def ensure_data(cfg: DictConfig) -> dict | None:
         if _launch_rank() == 0:
             print(f"making synthetic data: {m.rows:,} rows of {m.model} in {path} ...", flush=True)
             write_synthetic(path, m.model, m.rows, m.features, m.files, m.row_group_size, m.seed, m.groups,
-                            m.components, m.varying_slopes)
+                            m.components, m.varying_slopes, heldout=m.heldout)
         else:  # rank 0 writes; the truth file, written last, says the data set is complete
             deadline = time.monotonic() + float(os.environ.get("SVI_DIST_TIMEOUT", "300"))
             while not truth_file.is_file():

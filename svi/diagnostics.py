@@ -11,6 +11,7 @@ up to 0.7 importance resampling repairs them, above 0.7 the fit should not be tr
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -89,10 +90,16 @@ _BLOCK = 1 << 22
 
 
 def _log_likelihood_sums(model, theta, rows, dtype) -> torch.Tensor:
-    """sum over rows of log p(x_i | theta_s), (S,), in row blocks of bounded memory."""
+    """sum over rows of log p(x_i | theta_s), (S,), in row blocks of bounded memory.
+
+    A model's intermediate tensors can be wider than (draws x rows): a K-component mixture's are
+    (draws, rows, K), 1 GB a tensor at 1,000 draws, 4,000 rows and K = 30. The block shrinks with
+    the square root of the parameters per draw, a width that grows with K (and with D for a
+    regression, whose intermediates are (draws, rows) at most) without assuming a model's form."""
     S = next(iter(theta.values())).shape[0]
     n = next(iter(rows.values())).shape[0]
-    step = max(1, _BLOCK // max(S, 1))
+    width = math.isqrt(max(1, sum(v[0].numel() for v in theta.values())))
+    step = max(1, _BLOCK // (max(S, 1) * width))
     total = torch.zeros(S, dtype=torch.float64)
     for start in range(0, n, step):
         part = {k: (v[start:start + step].to(dtype) if torch.is_floating_point(v) else v[start:start + step])

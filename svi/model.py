@@ -149,6 +149,27 @@ class Model:
         """
         return {}
 
+    def initial_values(self, batch: Mapping[str, torch.Tensor],
+                       generator: torch.Generator | None = None) -> Mapping[str, torch.Tensor]:
+        """Starting values read off the data (optional; the default reads none).
+
+        The engine calls it once, before the warm start, with a uniform sample of rows (the
+        warm-start rows, else the evaluation rows), and starts from the returned constrained
+        values instead of ``Param.init`` / the unconstrained zero. For models whose symmetric
+        start is a saddle point (mixtures) or whose scale no fixed start suits.
+
+        Returns:
+            ``{name: value of the Param's shape}`` for any subset of the parameters.
+        """
+        return {}
+
+    def relabel(self, p: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """Put exchangeable parts of each draw ``p[name]: (S, *shape)`` in a canonical order
+        (optional; the default is the identity). Applied to every posterior draw, so summaries
+        of models with label switching (mixtures) are reported in one labelling; the log
+        density must be invariant to it."""
+        return p
+
     # --- helpers the engine uses --------------------------------------------------------
     @property
     def name(self) -> str:

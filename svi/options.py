@@ -42,7 +42,7 @@ class FitOptions:
         window: steps per window of the ``posterior`` rule at the initial step size; windows grow
             as the step size decays (a step of size lr relaxes over about 1/lr steps).
         tol_param: ``posterior`` rule tolerance: root-mean-square movement between phase averages,
-            in q's sds (means) and relative (sds); no coordinate may move more than 4 x tol_param.
+            in q's sds (means) and relative (sds); no coordinate may move more than max(4, sqrt(2 ln K) + 1) x tol_param for K coordinates.
         lr_decay: step-size factor at each stall (``posterior`` rule).
         max_decays: stop after this many decays.
         averaging: Polyak-Ruppert averaging of the iterates within each phase.
@@ -73,10 +73,17 @@ class FitOptions:
         prefetch: row groups read ahead while the optimiser runs.
         nonfinite_patience: consecutive non-finite steps before restoring the last good state.
         max_nonfinite_restores: restores (each halving the step size) before giving up.
+        heldout: rows kept out of the fit (Parquet file, folder or glob, read with the fit's
+            ``columns``): every ``heldout_every`` steps and at the end, their average log
+            predictive density under ``heldout_draws`` draws of q is logged as ``heldout_lpd``
+            (Kucukelbir et al., JMLR 2017, section 4); a uniform sample of ``heldout_rows`` rows
+            when there are more.
+        heldout_rows, heldout_every, heldout_draws: see ``heldout``.
         log_every: steps between tracked metrics.
         khat_rows: PSIS k-hat (Yao et al., ICML 2018) at the end of the fit on this many rows: the
             whole data set when it is no larger, else a uniform sample with a difference estimator
-            (``svi.diagnostics.psis_on_rows``); 0 turns it off. A k-hat above 0.7 is warned about
+            (``svi.diagnostics.psis_on_rows``), at most 5e7 / (parameters) rows (2,000 at least) so
+            its cost stays bounded for large models; 0 turns it off. A k-hat above 0.7 is warned about
             and tagged in MLflow.
         compile: compile the step with ``torch.compile`` (single process).
         threads: torch's intra-op threads during the fit. ``None``: torch's current setting
@@ -143,6 +150,10 @@ class FitOptions:
     prefetch: int = 4
     nonfinite_patience: int = 20
     max_nonfinite_restores: int = 5
+    heldout: Optional[str] = None
+    heldout_rows: int = 10_000
+    heldout_every: int = 500
+    heldout_draws: int = 32
     log_every: int = 100
     khat_rows: int = 50_000
     compile: bool = False
@@ -195,7 +206,8 @@ def suggest(word: str, choices, what: str = "choices") -> str:
 SAFE_TO_CHANGE = frozenset({"max_steps", "log_every", "progress", "checkpoint_dir", "checkpoint_every",
                             "keep_checkpoints", "resume", "force_resume", "tracking", "tracking_uri", "experiment",
                             "run_name", "system_metrics", "register_model", "compile", "prefetch", "scheduler",
-                            "storage_options", "cache_dir", "threads", "missing_run", "tracking_wait", "khat_rows"})
+                            "storage_options", "cache_dir", "threads", "missing_run", "tracking_wait", "khat_rows",
+                            "heldout", "heldout_rows", "heldout_every", "heldout_draws"})
 
 STAN_ADVI = dict(warm_start="none", optimizer="stan", lr="auto", convergence="stan", stl=False, averaging=False,
                  antithetic=False, control_variate=False, init_scale=1.0)
@@ -218,12 +230,15 @@ def _check(o: FitOptions) -> None:
     if o.family not in FAMILIES:
         bad("family", o.family, f"one of {', '.join(FAMILIES)}")
     for key in ("shuffle_units", "prefetch", "rank", "max_steps", "num_particles", "window", "eval_elbo", "elbo_samples", "eval_rows",
-                "adapt_iter", "warm_start_rows", "warm_start_draws", "nonfinite_patience", "log_every"):
+                "adapt_iter", "warm_start_rows", "warm_start_draws", "nonfinite_patience", "log_every",
+                "heldout_rows", "heldout_every", "heldout_draws"):
         positive_int(key)
     if isinstance(o.khat_rows, bool) or not isinstance(o.khat_rows, int) or o.khat_rows < 0:
         bad("khat_rows", o.khat_rows, "a non-negative integer (0 turns the end-of-fit k-hat off)")
     if o.batch_size is not None:
         positive_int("batch_size")
+    if o.heldout is not None and not isinstance(o.heldout, str):
+        bad("heldout", o.heldout, "a Parquet file, folder or glob of rows kept out of the fit")
     if o.threads is not None:
         positive_int("threads")
     for key in ("tol_param", "tol_rel_obj", "init_scale"):

@@ -34,7 +34,7 @@ __all__ = ["Posterior", "PosteriorFormatError", "FORMAT_VERSION", "load_posterio
            "save_mlflow_model"]
 
 FORMAT_VERSION = 2  # 2: constraints as vocabulary entries (1 stored their repr; still read)
-_PREDICT_KINDS = ("mean", "draws", "probability")
+_PREDICT_KINDS = ("mean", "draws", "probability", "components")
 _DEFAULT_ARVIZ_ROWS = 10_000
 _ROW_SAMPLE_SEED = 14  # with the row count: the rows ArviZ export samples
 
@@ -89,8 +89,11 @@ class Posterior:
 
     @torch.no_grad()
     def sample(self, n: int = 1000, seed: int | None = 0) -> dict[str, torch.Tensor]:
-        """n draws in constrained space: {name: (n, *shape)}."""
+        """n draws in constrained space: {name: (n, *shape)}, in the model's canonical labelling
+        (:meth:`svi.Model.relabel`)."""
         theta, _ = self.space.constrain(self.sample_unconstrained(n, seed))
+        if self.model is not None:
+            theta = self.model.relabel(theta)
         return {k: v.detach() for k, v in theta.items()}
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
@@ -360,6 +363,12 @@ class Posterior:
                   ``predict_probability(p, batch)`` (the inverse logit of the linear predictor, no
                   Bernoulli noise): columns ``probability`` (its posterior mean), ``sd``, ``q5``,
                   ``q50``, ``q95`` over the draws.
+                - ``"components"``: for mixtures, each row's posterior probability of coming from
+                  each component, from the model's ``component_probabilities(p, batch)``
+                  (responsibilities averaged over the draws): columns ``p0`` ... ``p<K-1>``.
+
+            Vector outcomes (a mixture's ``y`` of D columns) get one column per outcome column
+            and summary: ``mean_0``, ``sd_0``, ..., and ``draw_<i>_<j>`` for ``"draws"``.
 
         Raises:
             ValueError: an unknown ``kind``.
@@ -374,7 +383,10 @@ class Posterior:
             raise TypeError(f"kind='probability' needs P(y=1) from the model's predict_probability(p, batch) method, "
                             f"which {model.name} does not have: it is defined for Bernoulli (logistic) models such as "
                             f"LogisticRegression and HierarchicalLogisticRegression")
-        if kind != "probability" and not hasattr(model, "sample_obs"):
+        if kind == "components" and not hasattr(model, "component_probabilities"):
+            raise TypeError(f"kind='components' needs the model's component_probabilities(p, batch) method, which "
+                            f"{model.name} does not have: it is defined for mixtures such as GaussianMixture")
+        if kind in ("mean", "draws") and not hasattr(model, "sample_obs"):
             raise TypeError(f"{model.name} has no sample_obs(p, batch, generator) method, so it cannot predict")
         batch = self._prediction_batch(data, columns)
         rows = next(iter(batch.values())).shape[0]
@@ -384,16 +396,26 @@ class Posterior:
         out = []
         for start in range(0, rows, chunk_rows):
             part = {k: v[start : start + chunk_rows] for k, v in batch.items()}
+            if kind == "components":
+                r = model.component_probabilities(theta, part).double().mean(0)  # (rows, K)
+                out.append(pd.DataFrame(r.cpu().numpy(), columns=[f"p{k}" for k in range(r.shape[-1])]))
+                continue
             if kind == "probability":
                 y = model.predict_probability(theta, part).double()  # (n, rows)
             else:
-                y = model.sample_obs(theta, part, generator=gen).double()  # (n, rows)
+                y = model.sample_obs(theta, part, generator=gen).double()  # (n, rows) or (n, rows, D)
             if kind == "draws":
-                out.append(pd.DataFrame(y.T.cpu().numpy(), columns=[f"draw_{i}" for i in range(n)]))
+                flat = y.permute(1, 0, *range(2, y.dim())).reshape(y.shape[1], -1)
+                names = ([f"draw_{i}" for i in range(n)] if y.dim() == 2
+                         else [f"draw_{i}_{j}" for i in range(n) for j in range(y.shape[2])])
+                out.append(pd.DataFrame(flat.cpu().numpy(), columns=names))
                 continue
             q = torch.quantile(y, levels, dim=0)
             first = "probability" if kind == "probability" else "mean"
-            out.append(pd.DataFrame({first: y.mean(0), "sd": y.std(0), "q5": q[0], "q50": q[1], "q95": q[2]}))
+            stats = {first: y.mean(0), "sd": y.std(0), "q5": q[0], "q50": q[1], "q95": q[2]}
+            if y.dim() == 3:  # one column per outcome column and summary
+                stats = {f"{name}_{j}": v[:, j] for j in range(y.shape[2]) for name, v in stats.items()}
+            out.append(pd.DataFrame({k: v.cpu().numpy() for k, v in stats.items()}))
         return pd.concat(out, ignore_index=True)
 
     def _prediction_batch(self, data, columns) -> dict[str, torch.Tensor]:
@@ -413,7 +435,7 @@ class Posterior:
             _, files = list_parquet_files(data)
             names = pq.ParquetFile(files[0]).schema_arrow.names
             mapping = {k: columns.get(k, k) for k in keys}
-            mapping = {k: v for k, v in mapping.items() if k != "y" or v in names}
+            mapping = {k: v for k, v in mapping.items() if k != "y" or _columns_present(v, names)}
             src = open_source(data, mapping, list(mapping), self.model.integer_keys, dtype,
                               FitOptions(in_memory_rows=2**62), validate=self.model.validate)
             return dict(src.tensors)
@@ -423,7 +445,7 @@ class Posterior:
             pd = None
         if pd is not None and isinstance(data, pd.DataFrame):
             mapping = {k: columns.get(k, k) for k in keys}
-            mapping = {k: v for k, v in mapping.items() if not (k == "y" and isinstance(v, str) and v not in data)}
+            mapping = {k: v for k, v in mapping.items() if k != "y" or _columns_present(v, list(data.columns))}
             return dict(InMemoryData(data, mapping, integer_keys=self.model.integer_keys, dtype=dtype,
                                      validate=self.model.validate).tensors)
         present = [k for k in keys if k in data]
@@ -575,6 +597,16 @@ def _rebuild_model(spec: Mapping[str, Any], trust: Sequence[str], meta_file: Pat
         return cls(*args, **kwargs)
     except Exception as e:  # the constructor of a trusted class: report whatever it raised
         raise PosteriorFormatError(f"rebuilding {target} with its saved arguments failed: {e}") from None
+
+
+def _columns_present(spec, names) -> bool:
+    """Whether the outcome's columns (a name, a list or a pattern) are in the data: an outcome
+    may be absent when predicting, except where it is the model's input (a mixture's rows)."""
+    from svi.data.columns import is_pattern
+
+    if isinstance(spec, str):
+        return spec in names or (is_pattern(spec) and any(fnmatch.fnmatchcase(n, spec) for n in names))
+    return all(c in names for c in spec)
 
 
 def _observed_key(model: Model | None) -> str:

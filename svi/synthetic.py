@@ -3,7 +3,8 @@
 ``make_truth`` draws the parameters once from a seed; ``make_rows`` draws rows given
 them, chunk by chunk (so a pipeline can write data sets far larger than memory).
 Column layout: features ``x0 .. x{D-1}``, outcome ``y``, group id ``g``, exposure
-``exposure``; ``batch_columns`` gives the matching ``columns=`` mapping.
+``exposure``, histogram bins ``h0 .. h{D-1}``; ``batch_columns`` gives the matching
+``columns=`` mapping.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ import numpy as np
 
 __all__ = ["SyntheticSpec", "MODELS", "make_truth", "make_rows", "batch_columns", "build_model", "as_batch"]
 
-MODELS = ("linear", "logistic", "poisson", "student_t", "hierarchical_linear", "hierarchical_logistic", "mixture")
+MODELS = ("linear", "logistic", "poisson", "student_t", "hierarchical_linear", "hierarchical_logistic", "mixture",
+          "histogram_mixture")
+
+#: pixels behind each histogram row of ``histogram_mixture``
+HISTOGRAM_PIXELS = 4096
 
 
 @dataclass(frozen=True)
@@ -23,9 +28,9 @@ class SyntheticSpec:
 
     Attributes:
         model: one of :data:`MODELS`.
-        n_features: D (ignored by ``mixture``).
+        n_features: D (ignored by ``mixture``; the bins of ``histogram_mixture``).
         n_groups: groups of the hierarchical models.
-        n_components: mixture components.
+        n_components: mixture components (``mixture``, ``histogram_mixture``).
         varying_slopes: hierarchical models with group slopes.
     """
 
@@ -45,6 +50,8 @@ def make_truth(spec: SyntheticSpec, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([seed, 7])
     D = spec.n_features
     w = rng.normal(0.0, 0.5, size=D)
+    if spec.model == "histogram_mixture":
+        return _histogram_truth(rng, spec.n_components, D)
     if spec.model == "mixture":
         K = spec.n_components
         loc = np.sort(rng.normal(0.0, 3.0, size=K)) + np.arange(K) * 2.0
@@ -69,6 +76,11 @@ def make_truth(spec: SyntheticSpec, seed: int = 0) -> dict[str, np.ndarray]:
 def make_rows(spec: SyntheticSpec, truth: dict[str, np.ndarray], n: int, rng: np.random.Generator,
               dtype=np.float32) -> dict[str, np.ndarray]:
     """n rows as {column: array}: x0..x{D-1} (float), y, and g / exposure where the model has them."""
+    if spec.model == "histogram_mixture":
+        comp = rng.choice(len(truth["weights"]), size=n, p=truth["weights"])
+        bins = truth["loc"].shape[1]
+        counts = rng.poisson(truth["loc"][comp] * (HISTOGRAM_PIXELS / bins))
+        return {f"h{j}": col for j, col in enumerate((counts * (bins / HISTOGRAM_PIXELS)).astype(dtype).T)}
     if spec.model == "mixture":
         comp = rng.choice(len(truth["weights"]), size=n, p=truth["weights"])
         y = rng.normal(truth["loc"][comp], truth["scale"][comp])
@@ -103,6 +115,8 @@ def batch_columns(spec: SyntheticSpec) -> dict[str, object]:
     """The ``columns=`` mapping from the built-in model's batch keys to these columns."""
     if spec.model == "mixture":
         return {"y": "y"}
+    if spec.model == "histogram_mixture":
+        return {"y": "h*"}
     cols: dict[str, object] = {"x": "x*", "y": "y"}
     if spec.model.startswith("hierarchical"):
         cols["g"] = "g"
@@ -127,6 +141,8 @@ def build_model(spec: SyntheticSpec):
         return models.HierarchicalLinearRegression(spec.n_features, spec.n_groups, spec.varying_slopes)
     if spec.model == "hierarchical_logistic":
         return models.HierarchicalLogisticRegression(spec.n_features, spec.n_groups, spec.varying_slopes)
+    if spec.model == "histogram_mixture":
+        return models.GaussianMixture(spec.n_components, n_features=spec.n_features)
     return models.GaussianMixture(spec.n_components)
 
 
@@ -134,8 +150,22 @@ def as_batch(spec: SyntheticSpec, cols: dict[str, np.ndarray]) -> dict[str, np.n
     """Rows as the model's batch keys (for in-memory fits): x stacked into a matrix."""
     if spec.model == "mixture":
         return {"y": cols["y"]}
+    if spec.model == "histogram_mixture":
+        return {"y": np.stack([cols[f"h{j}"] for j in range(spec.n_features)], axis=1)}
     out = {"x": np.stack([cols[f"x{j}"] for j in range(spec.n_features)], axis=1), "y": cols["y"]}
     for key in ("g", "exposure"):
         if key in cols:
             out[key] = cols[key]
     return out
+
+
+def _histogram_truth(rng: np.random.Generator, K: int, D: int) -> dict[str, np.ndarray]:
+    """Clusters of colour-histogram-like rows, the shape of the ADVI paper's image data (Kucukelbir
+    et al., JMLR 2017, section 4.3): each cluster a bin profile drawn from Dirichlet(2), each row
+    ``HISTOGRAM_PIXELS`` pixels binned by Poisson counts, scaled so a bin's mean is about 1.
+
+    ``loc`` and ``scale`` are each cluster's exact mean and sd per bin, which a Gaussian mixture
+    fitted to many rows recovers; ``weights`` are drawn from Dirichlet(5), so no cluster is tiny."""
+    profile = rng.dirichlet(np.full(D, 2.0), size=K) * D  # (K, D), rows average 1 per bin
+    return {"loc": profile, "scale": np.sqrt(profile * D / HISTOGRAM_PIXELS),
+            "weights": rng.dirichlet(np.full(K, 5.0))}

@@ -23,15 +23,15 @@ import torch
 from svi import distributed as dist
 from svi.centering import choose_centering, describe as describe_centering
 from svi.convergence import Decision, IterateAverager, PosteriorConvergence, StanConvergence
-from svi.elbo import DataAnchor, ElboEstimate, ElboLoss, batch_size, elbo
+from svi.elbo import DataAnchor, ElboEstimate, ElboLoss, batch_size, elbo, log_predictive_density
 from svi.families import Family, make_family
 from svi.fused import FusedStep
-from svi.model import Model
+from svi.model import Model, ModelError
 from svi.optim import StanStepSize, functional_kind, make_optimizer, make_scheduler, search_eta
 from svi.options import FitOptions
 from svi.tracking import NullTracker, Tracker
 from svi.transforms import ParamSpace
-from svi.warmstart import find_mode, laplace_warm_start
+from svi.warmstart import find_mode, laplace_warm_start, warm_start_rows
 
 __all__ = ["FitContext", "TrainState", "StepInfo", "TrainResult", "NonFiniteError", "init_state", "step", "train",
            "evaluate_elbo"]
@@ -55,6 +55,10 @@ class FitContext:
     device: torch.device
     eval_batch: Mapping[str, torch.Tensor]
     warm_batch: Mapping[str, torch.Tensor] | None = None
+    heldout_batch: Mapping[str, torch.Tensor] | None = None  # rows kept out of the fit (options.heldout)
+    started: float = field(default_factory=time.perf_counter)  # when the fit began (before the warm start)
+    # one pass over the data for the data control variate's statistics at z (svi.elbo.anchor_statistics)
+    reanchor: Callable[[torch.Tensor], DataAnchor] | None = None
     rank: int = 0
     world_size: int = 1
     world: Any = None  # svi.distributed.World; collectives run through it
@@ -112,6 +116,7 @@ class TrainResult:
     eta: float | None
     nonfinite_steps: int
     seconds: float
+    heldout: list = field(default_factory=list)  # (step, seconds since the fit began, heldout_lpd)
 
 
 # --- set-up -------------------------------------------------------------------------------
@@ -122,11 +127,11 @@ def build_family(ctx: FitContext) -> tuple[Family, str, bool]:
         (family, a note for the log, whether the warm start set the frame).
     """
     o = ctx.options
-    start = ctx.space.initial_point(torch.float64, default=o.init)
+    start = _start_from_data(ctx, ctx.space.initial_point(torch.float64, default=o.init))
     family = make_family(o.family, ctx.space.size, loc=start, scale=o.init_scale, dtype=ctx.dtype, rank=o.rank)
     note, warm = "no warm start", False
     if o.warm_start == "laplace" and ctx.warm_batch is not None:
-        rows = next(iter(ctx.warm_batch.values())).shape[0]
+        rows = warm_start_rows(ctx.space.size, next(iter(ctx.warm_batch.values())).shape[0])
         if ctx.rank == 0:  # a phase of its own (seconds on a large sample): say so before, not only after
             log.info("warm start: L-BFGS towards the mode on %s of %s rows, then the best Gaussian on its path ...",
                      f"{rows:,}", f"{ctx.num_rows:,}")
@@ -146,6 +151,32 @@ def build_family(ctx: FitContext) -> tuple[Family, str, bool]:
                              scale=o.init_scale, dtype=ctx.dtype, rank=o.rank)
         note = f"no warm start; {centring}"
     return family.to(ctx.device), note, warm
+
+
+def _start_from_data(ctx: FitContext, start: torch.Tensor) -> torch.Tensor:
+    """``start`` with the values the model reads off a sample of rows (``Model.initial_values``).
+    Ranks may read different rows; DDP broadcasts rank 0's family when it wraps it."""
+    rows = ctx.warm_batch if ctx.warm_batch is not None else ctx.eval_batch
+    rows = {k: v.cpu() for k, v in rows.items()}
+    values = ctx.model.initial_values(rows, torch.Generator().manual_seed(ctx.options.seed))
+    if not values:
+        return start
+    params = ctx.model.get_params()
+    theta, _ = ctx.space.constrain(start.unsqueeze(0))
+    for name, value in values.items():
+        if name not in params:
+            raise ModelError(f"{ctx.model.name}.initial_values returned {name!r}, which is not a parameter; "
+                             f"parameters are {', '.join(params)}")
+        x = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+        if tuple(x.shape) != params[name].shape or not bool(params[name].constraint.check(x.unsqueeze(0)).all()):
+            raise ModelError(f"{ctx.model.name}.initial_values: {name!r} has shape {tuple(x.shape)} or values "
+                             f"outside {params[name].constraint!r}; expected shape {params[name].shape} inside it")
+        theta[name] = x.unsqueeze(0)
+    z = ctx.space.unconstrain(theta)[0]
+    if not bool(torch.isfinite(z).all()):
+        raise ModelError(f"{ctx.model.name}.initial_values gave values on the edge of a constraint "
+                         "(unconstrained value not finite); move them inside")
+    return z
 
 
 def _warm_start(ctx: FitContext, start: torch.Tensor, frame: str):
@@ -354,6 +385,14 @@ def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker
     rows = 0
     t_log = time.perf_counter()
     window_end = state.step + window_length(o, state) - len(state.window_elbos)
+    heldout: list = []
+
+    def score_heldout():
+        if ctx.heldout_batch is not None and ctx.rank == 0:
+            value = heldout_lpd(ctx, state.family)
+            heldout.append((state.step, time.perf_counter() - ctx.started, value))
+            tracker.log_metrics({"heldout_lpd": value}, state.step)
+
     while state.step < o.max_steps:
         state, info = step(ctx, state, next(stream))
         rows += info.rows
@@ -384,6 +423,7 @@ def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker
                 state.cv_weights = control_variate_weights(ctx.all_mean(torch.stack(state.window_cv).double()))
                 state.window_cv = []
             decision = _end_of_window(ctx, state, values)
+            _move_anchor(ctx, state)
             tracker.log_metrics({"elbo_window_mean": state.history[-1][1], **decision.stats}, state.step)
             if decision.stats:  # the last distance stays on show until the next phase ends
                 last_stats = decision.stats
@@ -393,6 +433,8 @@ def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker
                 break
         if checkpoint is not None and state.step % o.checkpoint_every == 0:
             checkpoint(state, stream, None)
+        if state.step % o.heldout_every == 0:
+            score_heldout()
     if progress is not None:
         progress.close()
     if ctx.rank == 0 and o.progress is not False:
@@ -411,8 +453,19 @@ def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker
                       RuntimeWarning, stacklevel=2)
         if state.averager is not None and state.averager.phase_count:
             _load_params(state.family, state.averager.phase_average())
+    if heldout and heldout[-1][0] == state.step:  # the returned q (perhaps an average) replaces it
+        heldout.pop()
+    score_heldout()
     return TrainResult(state.family, state.step, converged, reason, stop_reason, state.history, state.warm_start,
-                       state.eta, state.nonfinite_total, time.perf_counter() - started)
+                       state.eta, state.nonfinite_total, time.perf_counter() - started, heldout)
+
+
+def heldout_lpd(ctx: FitContext, family: Family) -> float:
+    """The held-out rows' average log predictive density under q (svi.elbo.log_predictive_density),
+    with the same draws every time (a fixed seed), so the curve moves only when q does."""
+    o = ctx.options
+    generator = torch.Generator(device=ctx.device).manual_seed(o.seed + 29)
+    return log_predictive_density(ctx.model, ctx.space, family, ctx.heldout_batch, o.heldout_draws, generator)
 
 
 def _what_to_try(stop_reason: str, space: ParamSpace) -> str:
@@ -465,6 +518,34 @@ def _end_of_window(ctx: FitContext, state: TrainState, window_elbos: list[float]
         if state.averager is not None:
             state.averager.new_phase()
     return decision
+
+
+#: q's mean this far from the data control variate's anchor (root mean square, in q's sds) moves it
+REANCHOR_DISTANCE = 1.0
+
+
+def _move_anchor(ctx: FitContext, state: TrainState) -> None:
+    """Re-anchor the data control variate at q's mean when q has moved away from the anchor.
+
+    Its subsampling noise grows with the distance from the anchor: about c d / sqrt(B) in
+    posterior units for a mean d posterior sds away, c the spread of the rows' curvatures,
+    against sqrt(N / B) with no anchor. The warm start's anchor is found on a sample of rows and
+    can be many sds from the full-data optimum (sqrt(N / n) for n warm-start rows). Checked at
+    the end of every window: while q travels, a pass over the data every window keeps the noise
+    low enough for the stall test to see the ELBO still rising (instead of decaying the step
+    size on noise), and near the optimum the anchor stays put. Every rank decides alike: q is
+    the same on all of them."""
+    if state.anchor is None or ctx.reanchor is None:
+        return
+    mean, sd = state.family.mean.detach(), state.family.stddev.detach()
+    distance = float(((mean - state.anchor.z.to(mean)) / sd).pow(2).mean().sqrt())
+    if not distance > REANCHOR_DISTANCE:
+        return
+    started = time.perf_counter()
+    state.anchor = ctx.reanchor(mean)
+    if ctx.rank == 0:
+        log.info("data control variate moved to q's mean (%.3g sd from its anchor) in %.1f s", distance,
+                 time.perf_counter() - started)
 
 
 def _handle_nonfinite(ctx: FitContext, state: TrainState) -> None:

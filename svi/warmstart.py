@@ -30,7 +30,7 @@ import torch
 from svi.model import Model
 from svi.transforms import ParamSpace
 
-__all__ = ["WarmStart", "laplace_warm_start", "find_mode"]
+__all__ = ["WarmStart", "laplace_warm_start", "find_mode", "warm_start_rows"]
 
 
 @dataclass(frozen=True)
@@ -100,33 +100,42 @@ def laplace_warm_start(
         num_draws: Monte Carlo draws for each candidate's ELBO.
         max_candidates: path points examined, the last one always among them.
         seed: seed of the common random draws.
-        hessian_max_dim: above this K no Hessian is formed; the mode is returned with unit
-            scale and a note.
+        hessian_max_dim: above this K no Hessian is formed: L-BFGS works on a subsample of
+            about 5e7 / K rows for at most 200 iterations, and the last point of its path gets
+            the diagonal frame of a Hutchinson estimate of the Hessian's diagonal.
 
     Returns:
         The best candidate, or ``None`` when no candidate had a positive-definite
         curvature and a finite ELBO.
     """
+    K = space.size
+    large = K > hessian_max_dim
+    batch = _subsample(batch, warm_start_rows(K, next(iter(batch.values())).shape[0], hessian_max_dim), seed)
     batch = _to_float64(batch)
     n = next(iter(batch.values())).shape[0]
     lik_scale = num_rows / n
-    K = space.size
 
     def objective(z):
         return -_log_density(model, space, z.unsqueeze(0), batch, lik_scale)[0]
 
-    path, converged, done = _lbfgs_path(objective, start, max_iter)
+    # Above hessian_max_dim the SGD phase, not L-BFGS, does the last stretch: the frame needs a
+    # point near the mode, not the mode itself.
+    path, converged, done = _lbfgs_path(objective, start, min(max_iter, _LARGE_MAX_ITER) if large else max_iter)
 
     gen = torch.Generator().manual_seed(seed)
     eps = torch.randn(num_draws, K, generator=gen, dtype=torch.float64)
     picks = sorted({len(path) - 1} | {round((len(path) - 1) * (1 - 2.0 ** -j)) for j in range(max_candidates - 1)})
+    if large:  # each candidate's curvature costs many Hessian-vector products: the last point only
+        picks = [len(path) - 1]
     best: WarmStart | None = None
     notes = []
     for idx in reversed(picks[-max_candidates:]):
         cand = path[idx]
-        if K > hessian_max_dim:
-            loc, scale, precision = cand, torch.ones(K, dtype=torch.float64), None
-            note = f"K={K} > hessian_max_dim={hessian_max_dim}: mode only, unit frame"
+        if large:
+            diag = _hessian_diagonal(objective, cand, seed)
+            loc, scale, precision = cand, torch.where(diag > 0, diag.clamp_min(1e-30).rsqrt(), 1.0), None
+            note = (f"K={K} > hessian_max_dim={hessian_max_dim}: {n:,} rows, diagonal curvature from "
+                    f"{_PROBES} Hutchinson probes ({int((diag <= 0).sum())} not positive: unit scale there)")
         else:
             hess = torch.autograd.functional.hessian(objective, cand, vectorize=True)
             hess = 0.5 * (hess + hess.T)
@@ -151,6 +160,48 @@ def laplace_warm_start(
     msg += f" with ELBO {best.elbo:.6g}" + (f"; {best.note}" if best.note else "") + (f"; skipped: {'; '.join(notes)}" if notes else "")
     return WarmStart(best.loc, best.scale, best.precision, best.gradient, best.elbo, best.iteration, done, converged,
                      msg)
+
+
+#: rows x parameters the warm start of a model above hessian_max_dim works on (a few seconds per 100 iterations)
+_LARGE_ROW_BUDGET = 50_000_000
+_LARGE_MIN_ROWS = 2_000
+_LARGE_MAX_ITER = 200
+#: Rademacher probes of the Hessian's diagonal above hessian_max_dim
+_PROBES = 32
+
+
+def warm_start_rows(num_params: int, rows: int, hessian_max_dim: int = 2000) -> int:
+    """Rows the warm start works on: all given, except above ``hessian_max_dim`` parameters, where
+    L-BFGS's cost (rows x work per row, which grows with the parameters) is bounded to about
+    5e7 / num_params rows."""
+    if num_params <= hessian_max_dim:
+        return rows
+    return min(rows, max(_LARGE_MIN_ROWS, _LARGE_ROW_BUDGET // num_params))
+
+
+def _subsample(batch: Mapping[str, torch.Tensor], rows: int, seed: int) -> Mapping[str, torch.Tensor]:
+    n = next(iter(batch.values())).shape[0]
+    if n <= rows:
+        return batch
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 3))[:rows].sort().values
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def _hessian_diagonal(objective, z: torch.Tensor, seed: int) -> torch.Tensor:
+    """Hutchinson's estimate of diag(H) at z, mean_j v_j * (H v_j) over Rademacher probes v_j
+    (Bekas, Kokiopoulou, Saad, "An estimator for the diagonal of a matrix", Appl. Numer. Math.
+    2007): exact where H is diagonal, with error sqrt(sum_{j != i} H_ij^2 / probes) elsewhere;
+    one Hessian-vector product (two passes over the rows) per probe instead of K."""
+    gen = torch.Generator().manual_seed(seed + 5)
+    with torch.enable_grad():
+        point = z.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(objective(point), point, create_graph=True)
+        total = torch.zeros_like(z)
+        for j in range(_PROBES):
+            v = torch.randint(0, 2, z.shape, generator=gen, dtype=z.dtype) * 2 - 1
+            (hv,) = torch.autograd.grad(grad, point, v, retain_graph=j < _PROBES - 1)
+            total += v * hv
+    return total / _PROBES
 
 
 def _lbfgs_path(objective, start: torch.Tensor, max_iter: int) -> tuple[list[torch.Tensor], bool, int]:

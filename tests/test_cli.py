@@ -63,12 +63,19 @@ def test_fit_kill_resume_summary_sample_diagnose(tmp_path):
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "conf").glob("*.yaml")))
 def test_every_example_config_runs_to_a_posterior(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    smaller = {  # the paper-scale mixture at a test's scale: fewer bins and clusters
+        "histograms.yaml": ["model.args.n_features=20", "data.make.features=20", "model.args.n_components=5",
+                            "data.make.components=5", "data.make.heldout=2000"],
+    }
     post = svi.fit_config(ROOT / "conf" / config, [
         f"data.path={tmp_path}/data", "data.make.rows=20000", "data.make.files=2", "data.make.row_group_size=4000",
-        f"checkpoint.dir={tmp_path}/ck", f"output.posterior={tmp_path}/post", "max_steps=3000"])
+        f"checkpoint.dir={tmp_path}/ck", f"output.posterior={tmp_path}/post", "max_steps=3000",
+        *smaller.get(config, [])])
     assert (tmp_path / "post" / "posterior.json").is_file()
     assert post.summary().shape[0] >= 2
     assert list_checkpoints(tmp_path / "ck")
+    if config == "histograms.yaml":  # held out rows written beside the data and scored during the fit
+        assert (tmp_path / "data-heldout").is_dir() and post.info["heldout_lpd"]
 
 
 def test_bad_configs_name_the_key_or_path(tmp_path):

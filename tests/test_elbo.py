@@ -3,6 +3,8 @@ the sticking-the-landing gradient."""
 
 import math
 
+import pytest
+
 import torch
 
 from svi.elbo import elbo
@@ -107,3 +109,31 @@ def test_sticking_the_landing_gradient_vanishes_at_the_exact_posterior():
     # and both estimate the same thing: the STL value has the analytic entropy's expectation
     e = elbo(model, space, fam, batch, 1, num_particles=200_000, generator=torch.Generator().manual_seed(3), stl=True)
     assert math.isclose(float(e.entropy.detach()), float(fam.entropy().detach()), rel_tol=0, abs_tol=0.02)
+
+
+def test_data_control_variate_is_unbiased_in_value_and_gradient_whatever_the_anchor():
+    """Averaged over a partition of the rows into batches, the anchored estimate equals the
+    full-data estimate with the same draws exactly, in value and in gradient, for an anchor far
+    from q's mean (where the first-order term is large) as well as near it."""
+    from svi.elbo import anchor_statistics
+
+    N, B = 24, 6
+    data = _data(N)
+    model = LogisticRegression(3)
+    space = ParamSpace(model.params)
+    fam = make_family("meanfield", space.size, loc=torch.linspace(-0.5, 0.5, space.size), scale=0.3,
+                      dtype=torch.float64)
+    eps = torch.randn(3, fam.noise_size(), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def value_and_grad(batch, anchor):
+        fam.zero_grad()
+        est = elbo(model, space, fam, batch, N, eps=eps, anchor=anchor)
+        est.value.backward()
+        return float(est.value), torch.cat([p.grad.reshape(-1).clone() for p in fam.parameters()])
+
+    full_value, full_grad = value_and_grad(data, None)
+    for z_hat in (torch.full((space.size,), 2.0, dtype=torch.float64), fam.mean.detach().clone()):
+        anchor = anchor_statistics(model, space, z_hat, [data])
+        parts = [value_and_grad({k: v[i : i + B] for k, v in data.items()}, anchor) for i in range(0, N, B)]
+        assert sum(v for v, _ in parts) / len(parts) == pytest.approx(full_value, rel=1e-12, abs=1e-9)
+        torch.testing.assert_close(sum(g for _, g in parts) / len(parts), full_grad, rtol=1e-10, atol=1e-10)
