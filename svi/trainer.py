@@ -156,6 +156,8 @@ def build_family(ctx: FitContext) -> tuple[Family, str, bool]:
 def _start_from_data(ctx: FitContext, start: torch.Tensor) -> torch.Tensor:
     """``start`` with the values the model reads off a sample of rows (``Model.initial_values``).
     Ranks may read different rows; DDP broadcasts rank 0's family when it wraps it."""
+    if type(ctx.model).initial_values is Model.initial_values:  # the model reads nothing off the data
+        return start
     rows = ctx.warm_batch if ctx.warm_batch is not None else ctx.eval_batch
     rows = {k: v.cpu() for k, v in rows.items()}
     values = ctx.model.initial_values(rows, torch.Generator().manual_seed(ctx.options.seed))
