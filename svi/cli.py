@@ -47,6 +47,11 @@ def _print_fit_report(post, cfg) -> None:
     if truth:
         from svi.transforms import element_names
 
+        if post.model is not None:  # the truth in the labelling the posterior's draws are reported in
+            import torch
+
+            as_draw = {k: torch.as_tensor(np.asarray(v, dtype=np.float64)).unsqueeze(0) for k, v in truth.items()}
+            truth = {k: v[0].numpy() for k, v in post.model.relabel(as_draw).items()}
         values = {}
         for name, value in truth.items():
             arr = np.asarray(value)
