@@ -29,6 +29,7 @@ from svi.data.columns import DataError
 from svi.data.parquet import ParquetSource
 from svi.data.source import open_source, raise_if_unknown, standardize
 from svi.elbo import anchor_statistics
+from svi.families import resolve_family
 from svi.model import Model, ModelError, check_model_outputs
 from svi.options import SAFE_TO_CHANGE, FitOptions
 from svi.posterior import Posterior
@@ -67,7 +68,7 @@ def fingerprint_of(model: Model, data_fingerprint: str) -> dict[str, str]:
 def fit(
     model: Model,
     data: Any,
-    family: str = "meanfield",
+    family: str = "auto",
     *,
     columns: Mapping[str, Any] | None = None,
     tracker: Tracker | None = None,
@@ -80,7 +81,9 @@ def fit(
     Args:
         model: an :class:`svi.Model`.
         data: a dict of arrays/tensors, a pandas DataFrame, or a Parquet path/glob/folder (or a list).
-        family: ``meanfield``, ``fullrank`` or ``lowrank``.
+        family: ``auto`` (the default: ``structured`` for a model with group effects, which keeps
+            each group effect's correlation with its population parameters, else ``meanfield``),
+            ``meanfield``, ``fullrank``, ``lowrank`` or ``structured``.
         columns: {batch key: column | [columns] | pattern} for DataFrame or Parquet data.
         tracker: where metrics go (default: MLflow when ``tracking=True``, else nowhere).
         job_yaml: the job's config as YAML (``svi fit`` / ``svi resume``), written as ``job.yaml``
@@ -346,7 +349,8 @@ def _family_like(saved: Mapping, ctx: FitContext):
 
     st = saved["ranks"][0]["state"]["family"]
     ctx.space.load_state_dict(saved.get("space", {}))  # before the family: its z means these coordinates
-    fam = make_family(ctx.options.family, ctx.space.size, dtype=ctx.dtype, rank=ctx.options.rank)
+    fam = make_family(ctx.options.family, ctx.space.size, dtype=ctx.dtype, rank=ctx.options.rank,
+                      layout=ctx.space.group_layout())
     fam.load_state_dict(st)
     return fam.to(ctx.device)
 
@@ -433,7 +437,8 @@ def _run_params(opts, model, space, fingerprints, num_rows, world) -> dict:
         "options": dataclasses.asdict(opts),
         "model": {"class": model.spec()["class"], "params": {b.name: f"{list(b.shape)} {b.constraint!r}"
                                                              for b in space.blocks}},
-        "fingerprint": fingerprints, "num_rows": num_rows, "world_size": world.world_size, "family": opts.family,
+        "fingerprint": fingerprints, "num_rows": num_rows, "world_size": world.world_size,
+        "family": resolve_family(opts.family, space.group_layout()),
         "versions": {"svi": svi.__version__, "torch": torch.__version__, "dask": dask.__version__},
     }
 

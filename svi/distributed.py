@@ -96,21 +96,28 @@ def wrap(module: torch.nn.Module, world: World) -> torch.nn.Module | None:
     return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
 
 
+def _reduce(t: torch.Tensor, world: World, op) -> torch.Tensor:
+    # NCCL reduces CUDA tensors only; the set-up's statistics (centrings, curvatures) live on the CPU
+    out = t.detach().clone()
+    if world.backend == "nccl" and out.device.type != "cuda":
+        moved = out.to(torch.device("cuda", world.local_rank))
+        torch_dist.all_reduce(moved, op=op)
+        return moved.to(t.device)
+    torch_dist.all_reduce(out, op=op)
+    return out
+
+
 def all_mean(t: torch.Tensor, world: World) -> torch.Tensor:
-    """Elementwise mean over ranks."""
+    """Elementwise mean over ranks (on the tensor's own device)."""
     if world.world_size <= 1:
         return t
-    out = t.detach().clone()
-    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
-    return out / world.world_size
+    return _reduce(t, world, torch_dist.ReduceOp.SUM) / world.world_size
 
 
 def all_min(t: torch.Tensor, world: World) -> torch.Tensor:
     if world.world_size <= 1:
         return t
-    out = t.detach().clone()
-    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MIN)
-    return out
+    return _reduce(t, world, torch_dist.ReduceOp.MIN)
 
 
 def gather_object(obj, world: World) -> list:

@@ -44,6 +44,10 @@ class FusedStep:
         self._fns: dict[tuple, object] = {}
         self._state_cache: tuple | None = None
 
+    def reset(self) -> None:
+        """Forget the compiled graphs (after the family's buffers changed shape)."""
+        self._fns = {}
+
     def _function(self, stl: bool, antithetic: bool, control_variate: bool, anchored: bool):
         """The step with its Python flags baked in: one compiled graph per combination, so the
         compiled graphs need guards on tensors only (dynamo's other guards cost more per call

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from svi.families import FAMILIES
+from svi.families import AUTO, FAMILIES
 
 __all__ = ["FitOptions", "OptionsError", "STAN_ADVI", "SAFE_TO_CHANGE", "suggest"]
 
@@ -26,7 +26,8 @@ class FitOptions:
     """Every option of a fit.
 
     Attributes:
-        family: ``meanfield``, ``fullrank`` or ``lowrank``.
+        family: ``auto`` (``structured`` for a model with group effects, else ``meanfield``),
+            ``meanfield``, ``fullrank``, ``lowrank`` or ``structured``.
         rank: factor columns of ``lowrank``.
         max_steps: hard cap on optimisation steps.
         batch_size: rows per step per process; ``None`` is all rows up to 10,000, else 1,024.
@@ -108,7 +109,7 @@ class FitOptions:
         register_model: register the fitted posterior in the MLflow model registry under this name.
     """
 
-    family: str = "meanfield"
+    family: str = AUTO
     rank: int = 2
     max_steps: int = 20000
     batch_size: Optional[int] = None
@@ -227,8 +228,8 @@ def _check(o: FitOptions) -> None:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             bad(key, v, "a positive number")
 
-    if o.family not in FAMILIES:
-        bad("family", o.family, f"one of {', '.join(FAMILIES)}")
+    if o.family not in FAMILIES and o.family != AUTO:
+        bad("family", o.family, f"one of {AUTO}, {', '.join(FAMILIES)}")
     for key in ("shuffle_units", "prefetch", "rank", "max_steps", "num_particles", "window", "eval_elbo", "elbo_samples", "eval_rows",
                 "adapt_iter", "warm_start_rows", "warm_start_draws", "nonfinite_patience", "log_every",
                 "heldout_rows", "heldout_every", "heldout_draws"):

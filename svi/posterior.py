@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from svi.families import Family, make_family
+from svi.families import FAMILIES, Family, make_family
 from svi.imports import UntrustedModelError, import_model_class, is_trusted
 from svi.model import Model, ModelError, _jsonable
 from svi.transforms import ParamSpace, element_names
@@ -544,12 +544,13 @@ class Posterior:
             model = _rebuild_model(model_spec, trust, meta_file)
             if model is not None and not _same_params(ParamSpace(model.get_params(), model.name), meta["space"]):
                 raise PosteriorFormatError(f"model {model.name} does not match the parameters saved in {meta_file}")
-        if meta.get("size") != space.size or meta.get("family") not in ("meanfield", "fullrank", "lowrank") \
+        if meta.get("size") != space.size or meta.get("family") not in FAMILIES \
                 or meta.get("dtype") not in ("float32", "float64"):
             raise PosteriorFormatError(f"{meta_file}: family {meta.get('family')!r} of size {meta.get('size')!r} and "
                                        f"dtype {meta.get('dtype')!r} do not describe {space.size} parameters")
         rank = meta.get("rank") or 2
-        family = make_family(meta["family"], meta["size"], dtype=getattr(torch, meta["dtype"]), rank=int(rank))
+        family = make_family(meta["family"], meta["size"], dtype=getattr(torch, meta["dtype"]), rank=int(rank),
+                             layout=space.group_layout())
         try:
             family.load_state_dict(tensors)
         except RuntimeError as e:

@@ -30,6 +30,7 @@ __all__ = [
     "CholeskyOuterTransform",
     "ParamSpace",
     "ParamBlock",
+    "GroupLayout",
     "element_names",
 ]
 
@@ -191,6 +192,25 @@ class ParamBlock:
         return self.loc is not None
 
 
+@dataclass(frozen=True)
+class GroupLayout:
+    """Which coordinates of z are population-level and which belong to each group.
+
+    Attributes:
+        global_index: (P,) the coordinates of parameters that are not group effects.
+        groups: one (G, d) index tensor per group axis: row g lists group g's coordinates
+            (its elements of every group effect whose first axis has length G).
+    """
+
+    global_index: torch.Tensor
+    groups: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def ungrouped(cls, size: int) -> "GroupLayout":
+        """Every coordinate population-level (a model without group effects)."""
+        return cls(torch.arange(size), ())
+
+
 class ParamSpace:
     """The model's parameters flattened into one unconstrained vector z of size K.
 
@@ -304,6 +324,23 @@ class ParamSpace:
         lam = self._lam(b.name, x)
         loc, log_scale = self.loc_scale(b, theta, x)
         return lam * loc + (x - loc) * ((lam - 1.0) * log_scale).exp()
+
+    def group_layout(self) -> GroupLayout:
+        """Population and group coordinates (:class:`GroupLayout`) for families that model the
+        dependence of a multilevel posterior. Group effects whose first axes have the same length
+        are taken to index the same groups (an intercept ``(G,)`` and slopes ``(G, D)``), so one
+        group's elements form one block; for effects of other groups that share a length this only
+        joins blocks, which loses nothing."""
+        by_length: dict[int, list[torch.Tensor]] = {}
+        rest = []
+        for b in self.blocks:
+            if not b.is_group_effect:
+                rest.append(torch.arange(b.offset, b.offset + b.size))
+                continue
+            G = b.shape[0]
+            by_length.setdefault(G, []).append(torch.arange(b.offset, b.offset + b.size).reshape(G, b.size // G))
+        glob = torch.cat(rest) if rest else torch.zeros(0, dtype=torch.long)
+        return GroupLayout(glob, tuple(torch.cat(parts, dim=1) for parts in by_length.values()))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The chosen centrings (what a resume and a saved posterior need besides the family)."""

@@ -30,7 +30,7 @@ import torch
 from svi.model import Model
 from svi.transforms import ParamSpace
 
-__all__ = ["WarmStart", "laplace_warm_start", "find_mode", "warm_start_rows"]
+__all__ = ["WarmStart", "laplace_warm_start", "find_mode", "warm_start_rows", "curvature"]
 
 
 @dataclass(frozen=True)
@@ -137,8 +137,7 @@ def laplace_warm_start(
             note = (f"K={K} > hessian_max_dim={hessian_max_dim}: {n:,} rows, diagonal curvature from "
                     f"{_PROBES} Hutchinson probes ({int((diag <= 0).sum())} not positive: unit scale there)")
         else:
-            hess = torch.autograd.functional.hessian(objective, cand, vectorize=True)
-            hess = 0.5 * (hess + hess.T)
+            hess = _hessian(objective, cand)
             gauss = _gaussian_from_hessian(hess, frame)
             if gauss is None:
                 notes.append(f"iteration {idx}: curvature not positive definite")
@@ -146,9 +145,7 @@ def laplace_warm_start(
             loc, scale, precision = cand, gauss, hess
             note = ""
         value = _gaussian_elbo(model, space, batch, lik_scale, loc, scale, eps)
-        with torch.enable_grad():
-            point = loc.clone().requires_grad_(True)
-            (gradient,) = torch.autograd.grad(-objective(point), point)
+        gradient = _gradient(objective, loc)
         if not math.isfinite(value):
             notes.append(f"iteration {idx}: ELBO not finite")
             continue
@@ -160,6 +157,44 @@ def laplace_warm_start(
     msg += f" with ELBO {best.elbo:.6g}" + (f"; {best.note}" if best.note else "") + (f"; skipped: {'; '.join(notes)}" if notes else "")
     return WarmStart(best.loc, best.scale, best.precision, best.gradient, best.elbo, best.iteration, done, converged,
                      msg)
+
+
+def curvature(model: Model, space: ParamSpace, batch: Mapping[str, torch.Tensor], num_rows: int, z: torch.Tensor,
+              hessian_max_dim: int = 2000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The second-order expansion of the unconstrained log density at z (K,) on the warm start's
+    rows (as :func:`laplace_warm_start` subsamples them): (the negative log density's Hessian
+    (K, K), the log density's gradient (K,)), float64; ``None`` above ``hessian_max_dim`` or where
+    the Hessian is not finite. What the quadratic control variate needs when q has moved far from
+    the warm start's point."""
+    K = space.size
+    if K > hessian_max_dim:
+        return None
+    batch = {k: v.cpu() for k, v in _subsample(batch, warm_start_rows(K, next(iter(batch.values())).shape[0],
+                                                                      hessian_max_dim), seed).items()}
+    batch = _to_float64(batch)
+    n = next(iter(batch.values())).shape[0]
+    z = z.detach().to(torch.float64).cpu()
+
+    def objective(x):
+        return -_log_density(model, space, x.unsqueeze(0), batch, num_rows / n)[0]
+
+    hess = _hessian(objective, z)
+    if not bool(torch.isfinite(hess).all()):
+        return None
+    return hess, _gradient(objective, z)
+
+
+def _hessian(objective, z: torch.Tensor) -> torch.Tensor:
+    hess = torch.autograd.functional.hessian(objective, z, vectorize=True)
+    return 0.5 * (hess + hess.T)
+
+
+def _gradient(objective, z: torch.Tensor) -> torch.Tensor:
+    """The gradient of the log density (minus the objective's) at z."""
+    with torch.enable_grad():
+        point = z.detach().clone().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(-objective(point), point)
+    return gradient
 
 
 #: rows x parameters the warm start of a model above hessian_max_dim works on (a few seconds per 100 iterations)

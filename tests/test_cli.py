@@ -86,7 +86,7 @@ def test_bad_configs_name_the_key_or_path(tmp_path):
         (["zzz=1"], r"unknown key 'zzz' in override 'zzz=1'; top-level keys and fit options are .*max_steps"),
         (["tracking_uri=x"], r"override 'tracking_uri=x': tracking_uri is set as tracking.uri in a job config"),
         (["fit.max_steps=lots"], r"config key fit.max_steps='lots' is not allowed: a positive integer"),
-        (["fit.family=gaussian"], r"config key fit.family='gaussian' is not allowed: one of meanfield"),
+        (["fit.family=gaussian"], r"config key fit.family='gaussian' is not allowed: one of auto, meanfield"),
         (["tracking.enabeld=false"], r"unknown config key 'tracking.enabeld': did you mean 'enabled'\?"),
         (["tracking.zzz=1"], r"unknown config key 'tracking.zzz': keys of 'tracking' are .*experiment"),
         (["checkpoint.every=often"], r"config key 'checkpoint.every'"),

@@ -225,7 +225,7 @@ def test_bad_data_and_options_are_clear_errors():
         svi.fit(model, {"x": x, "y": np.array(["a"] * 20)})
     with pytest.raises(DataError, match=r"key 'y' in the in-memory data has 19 rows but earlier keys have 20"):
         svi.fit(model, {"x": x, "y": y[:19]})
-    with pytest.raises(OptionsError, match=r"option family='gaussian' is not allowed: one of meanfield, fullrank, lowrank"):
+    with pytest.raises(OptionsError, match=r"option family='gaussian' is not allowed: one of auto, meanfield, fullrank, lowrank, structured"):
         svi.fit(model, {"x": x, "y": y}, family="gaussian")
     with pytest.raises(OptionsError, match=r"unknown option 'step_size'"):
         svi.fit(model, {"x": x, "y": y}, step_size=0.1)

@@ -1,5 +1,5 @@
 """Multilevel regressions against NUTS (issue 12's acceptance): svi's built-in hierarchical models,
-fitted with their defaults, against the NumPyro NUTS references committed under
+fitted with their defaults (the structured family) and with fullrank, against the NumPyro NUTS references committed under
 tests/data/hierarchical (made by scripts/bench/hierarchical_refs.py), and a user-written
 eight-schools model against posteriordb's reference.
 
@@ -48,24 +48,14 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("hier_refs")
 
 
-FAST = {("logistic_slopes_mixed100", "meanfield")}  # the default suite's one; the rest: -m slow
-# a Gaussian with a diagonal covariance cannot hold tau's correlation with 1,000 weakly identified
-# intercepts: its KL optimum has tau's sd 0.69 of NUTS's (README, "Multilevel regressions")
-MEANFIELD_SD_GAP = {("logistic_intercepts_1000x8", "meanfield"): "tau"}
+FAST = {("logistic_slopes_mixed100", "defaults")}  # the default suite's one; the rest: -m slow
 SETS = ["linear_intercepts_50x4000", "linear_slopes_16x4000", "logistic_intercepts_1000x8", "logistic_slopes_mixed100"]
-# fullrank stops (converged by its rule) with tau 0.32 reference sd low on 1,000 groups of 8 rows
-# (README, "Multilevel regressions"): an open gap, kept visible
-KNOWN_MISS = {("logistic_intercepts_1000x8", "fullrank"): "tau's mean 0.32 reference sd low at the stopping rule"}
-
-
-def _marks(s, c):
-    marks = [] if (s, c) in FAST else [pytest.mark.slow]
-    if (s, c) in KNOWN_MISS:
-        marks.append(pytest.mark.xfail(reason=KNOWN_MISS[(s, c)], strict=True))
-    return marks
-
-
-CASES = [pytest.param(s, c, marks=_marks(s, c), id=f"{s}-{c}") for s in SETS for c in ("meanfield", "fullrank")]
+# issue 12's acceptance: the default family (structured, for models with group effects) and fullrank
+# On the data-rich 50 x 4,000 set the warm start alone lands within the bounds (0.14-0.15 sd), so
+# the set is also fitted from a warm start on 2,000 rows, ~20 sds off (see the do-nothing test)
+FAR = [("linear_intercepts_50x4000", "defaults_far"), ("linear_intercepts_50x4000", "fullrank_far")]
+CASES = [pytest.param(s, c, marks=[] if (s, c) in FAST else [pytest.mark.slow], id=f"{s}-{c}")
+         for s, c in [(s, c) for s in SETS for c in ("defaults", "fullrank")] + FAR]
 
 
 @pytest.mark.parametrize("name,config", CASES)
@@ -74,13 +64,24 @@ def test_defaults_match_nuts(bench, data_dir, name, config):
     r = bench.run(name, config, refs, data_dir)
     assert r["converged"], r["reason"]
     assert r["worst_z"] < MEAN_TOL, f"{r['worst_z_name']}: mean off by {r['worst_z']:.3f} reference sd"
-    gap = MEANFIELD_SD_GAP.get((name, config))
-    ratios = {k: v["ratio"] for k, v in r["kinds"].items()}
-    for kind, (ratio, where) in ratios.items():
-        if kind == gap:
-            assert 0.6 < ratio < 1.0, f"{where}: sd ratio {ratio:.3f}"
-            continue
+    for kind, v in r["kinds"].items():
+        ratio, where = v["ratio"]
         assert abs(ratio - 1) < SD_TOL, f"{where}: sd ratio {ratio:.3f}"
+
+
+@pytest.mark.parametrize("config", ["warm_only_far", "warm_only_fullrank_far"])
+def test_the_far_start_alone_fails_the_bounds(bench, data_dir, config):
+    r = bench.run("linear_intercepts_50x4000", config, bench._refs_module(), data_dir)
+    assert r["worst_z"] > 10 * MEAN_TOL, r["worst_z"]
+
+
+@pytest.mark.slow
+def test_meanfield_cannot_hold_tau_on_data_poor_groups(bench, data_dir):
+    """Why the default for group effects is not mean-field: on 1,000 groups of 8 rows its tau sd is
+    a third short of NUTS's (a diagonal Gaussian drops tau's correlation with the intercepts),
+    where the structured default is within the bound (test above)."""
+    r = bench.run("logistic_intercepts_1000x8", "meanfield", bench._refs_module(), data_dir)
+    assert r["kinds"]["tau"]["ratio"][0] < 1 - SD_TOL
 
 
 class EightSchools(svi.Model):
@@ -103,7 +104,7 @@ class EightSchools(svi.Model):
         return _lpdf.normal(batch["y"], p["theta"][:, batch["g"]], batch["sigma"])
 
 
-@pytest.mark.parametrize("family", ["meanfield", pytest.param("fullrank", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["auto", pytest.param("fullrank", marks=pytest.mark.slow)])
 def test_a_user_written_group_effect_matches_eight_schools(family):
     data, ref = posteriordb("eight_schools-eight_schools_noncentered")
     J = int(data["J"])
@@ -114,11 +115,9 @@ def test_a_user_written_group_effect_matches_eight_schools(family):
     names = {"mu": "mu", "tau": "tau", **{f"theta[{j}]": f"theta[{j + 1}]" for j in range(J)}}
     err = {n: abs(s.loc[n, "mean"] - ref[r]["mean"]) / ref[r]["sd"] for n, r in names.items()}
     ratio = {n: s.loc[n, "sd"] / ref[r]["sd"] for n, r in names.items()}
-    # tau's posterior is a half-Cauchy-tailed funnel: a Gaussian in log tau, fitted by KL(q || p),
-    # sits inside it (mean 0.2 sd low, sd 0.65-0.76 of NUTS's); the school effects and mu are held
-    # to the issue's bounds
-    assert err["tau"] < 0.3 and 0.6 < ratio["tau"] < 1.0, (err["tau"], ratio["tau"])
-    worst = max((n for n in names if n != "tau"), key=err.get)
+    # tau included: a family that keeps tau's correlation with the school effects reaches the bounds
+    # (measured 0.18 sd / 0.77 structured, 0.16 / 0.82 fullrank; mean-field 0.23 / 0.64)
+    worst = max(names, key=err.get)
     assert err[worst] < MEAN_TOL, f"{worst}: mean off by {err[worst]:.3f} reference sd"
-    worst = max((n for n in names if n != "tau"), key=lambda n: abs(ratio[n] - 1))
+    worst = max(names, key=lambda n: abs(ratio[n] - 1))
     assert abs(ratio[worst] - 1) < SD_TOL, f"{worst}: sd ratio {ratio[worst]:.3f}"

@@ -110,3 +110,16 @@ def test_element_names_are_zero_based():
     assert element_names("w", (3,)) == ["w[0]", "w[1]", "w[2]"]
     assert element_names("L", (2, 2)) == ["L[0,0]", "L[0,1]", "L[1,0]", "L[1,1]"]
     assert element_names("b", ()) == ["b"]
+
+
+def test_group_layout_joins_effects_of_the_same_groups_into_one_block():
+    params = {"w": Param((2,)), "alpha": Param((3,), loc=0.0, scale="tau"), "tau": Param((), constraints.positive),
+              "beta": Param((3, 2), loc="w", scale=1.0), "other": Param((4,), loc=0.0, scale=1.0)}
+    space = ParamSpace(params)
+    layout = space.group_layout()
+    # z: w 0-1, alpha 2-4, tau 5, beta 6-11 (row-major: group g at 6 + 2g), other 12-15
+    assert layout.global_index.tolist() == [0, 1, 5]
+    by_size = {tuple(g.shape): g.tolist() for g in layout.groups}
+    assert by_size[(3, 3)] == [[2, 6, 7], [3, 8, 9], [4, 10, 11]]  # each group's intercept and slopes together
+    assert by_size[(4, 1)] == [[12], [13], [14], [15]]
+    assert ParamSpace({"w": Param((2,))}).group_layout().groups == ()
