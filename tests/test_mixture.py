@@ -18,6 +18,7 @@ from svi.data.jobs import heldout_folder, write_synthetic
 from svi.elbo import log_predictive_density
 from svi.model import ModelError
 from svi.models import GaussianMixture
+from svi.models.mixture import split_merge
 
 
 def _draws(model: GaussianMixture, S: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -77,6 +78,24 @@ def test_responsibilities_relabel_and_simulation_shapes():
     # the same components, reordered together: the density is unchanged
     torch.testing.assert_close(model.log_likelihood(q, {"y": y}), model.log_likelihood(p, {"y": y}))
     assert model.sample_obs(p, {"y": y}).shape == (4, 9, 2)
+
+
+def test_split_merge_repairs_two_centres_on_one_cluster_and_one_on_two():
+    """k-means's local optimum that no gradient step leaves: split-and-merge finds every cluster."""
+    g = torch.Generator().manual_seed(0)
+    truth = torch.tensor([[0.0, 0.0], [20.0, 0.0], [0.0, 20.0], [20.0, 20.0]], dtype=torch.float64)
+    y = torch.cat([c + torch.randn(500, 2, generator=g, dtype=torch.float64) for c in truth])
+    # two centres in the first cluster, one between the last two
+    start = torch.tensor([[-0.5, 0.0], [0.5, 0.0], [20.0, 0.0], [10.0, 20.0]], dtype=torch.float64)
+    labels = torch.cdist(y, start).argmin(-1)
+    before = float((y - start[labels]).pow(2).sum())
+    centres, labels, moves = split_merge(y, start, labels)
+    assert moves >= 1
+    assert torch.cdist(truth, centres).min(-1).values.max() < 0.2  # one centre on every cluster
+    assert float((y - centres[labels]).pow(2).sum()) < 0.1 * before
+    # a partition that is already right is left alone
+    again, _, moves = split_merge(y, centres, labels)
+    assert moves == 0 and torch.equal(again, centres)
 
 
 def test_bad_declarations_and_rows_are_refused():
