@@ -523,6 +523,9 @@ class Structured(Family):
         # without groups there is nothing to regress (and no empty parameter an optimiser would skip)
         self.regression_raw = nn.Parameter(torch.zeros(K_g, P, dtype=dtype)) if K_g else None
         self.group_raw = nn.ParameterList([nn.Parameter(torch.zeros(G, d, d, dtype=dtype)) for G, d in self.group_shapes])
+        self.register_buffer("_lower_population", torch.tril(torch.ones(P, P, dtype=dtype), -1), persistent=False)
+        for k, (G, d) in enumerate(self.group_shapes):
+            self.register_buffer(f"_lower_group_{k}", torch.tril(torch.ones(d, d, dtype=dtype), -1), persistent=False)
         # the frame's factor C, as plain lower-triangular values (the identity until set_frame)
         self.register_buffer("frame_population", torch.eye(P, dtype=dtype))
         self.register_buffer("frame_regression", torch.zeros(K_g, P, dtype=dtype))
@@ -534,9 +537,11 @@ class Structured(Family):
             for p in self.parameters():
                 p.zero_()
 
-    def _tril(self, raw):
+    def _tril(self, raw, mask):
+        # a mask product, not torch.tril: tril's kernel goes parallel even on 4 x 4 blocks, and with
+        # the other core busy its thread hand-off cost 13 ms a call (measured), the whole step 8x
         diag = torch.diagonal(raw, dim1=-2, dim2=-1)
-        return torch.tril(raw, -1) * self.off_diagonal_scale + torch.diag_embed(diag.exp())
+        return raw * (mask * self.off_diagonal_scale) + torch.diag_embed(diag.exp())
 
     def _frame_factors(self):
         return (self.frame_population, self.frame_regression if self.regression_raw is not None else None,
@@ -548,7 +553,11 @@ class Structured(Family):
         if detach:
             raws = [None if r is None else r.detach() for r in raws]
         B = None if raws[1] is None else raws[1] * self.off_diagonal_scale
-        return self._tril(raws[0]), B, [self._tril(r) for r in raws[2:]]
+        return self._tril(raws[0], self._lower_population), B, [self._tril(r, m) for r, m in zip(
+            raws[2:], self._lower_groups())]
+
+    def _lower_groups(self):
+        return [getattr(self, f"_lower_group_{k}") for k in range(len(self.group_shapes))]
 
     def _factors(self, detach: bool = False):
         """q's factor of u = C (m + L eps): (M_p (P, P), M_B (K - P, P), [M_g (G, d, d)]) with M = C L,

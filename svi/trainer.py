@@ -601,8 +601,8 @@ def _move_expansion(ctx: FitContext, state: TrainState) -> None:
     if state.fused is not None:  # the compiled graphs read the old buffers' shapes
         state.fused.reset()
     if ctx.rank == 0:
-        log.info("quadratic control variate re-expanded at q's mean (%.3g sd from its expansion in the worst "
-                 "coordinate) in %.1f s", distance,
+        log.info("step %d: quadratic control variate re-expanded at q's mean (%.3g sd from its expansion in the "
+                 "worst coordinate) in %.1f s", state.step, distance,
                  time.perf_counter() - started)
 
 

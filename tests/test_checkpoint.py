@@ -31,7 +31,8 @@ def _data():
 def _fit(data, folder, max_steps, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # "reached max_steps" is expected here
-        return svi.fit(svi.models.LogisticRegression(3), data, family="fullrank", batch_size=256, max_steps=max_steps,
+        kw = {"family": "fullrank", **kw}
+        return svi.fit(svi.models.LogisticRegression(3), data, batch_size=256, max_steps=max_steps,
                        tol_param=1e-6, checkpoint_dir=str(folder), checkpoint_every=100, **kw)
 
 
@@ -56,6 +57,20 @@ def test_resume_equals_no_resume(tmp_path, source):
     resumed = _fit(data, tmp_path / "b", 650, resume=True, force_resume=True, **extra)
     assert resumed.info["steps"] == straight.info["steps"] == 650
     _same(straight, resumed)
+
+
+@pytest.mark.parametrize("family", ["fullrank", pytest.param("structured", marks=pytest.mark.slow)])
+def test_resume_equals_no_resume_across_a_reexpansion(tmp_path, caplog, family):
+    """From a warm start on 40 rows q travels, and the quadratic control variate is re-expanded
+    (fullrank re-frames and resets Adam): a resume before and after that still matches."""
+    data, kw = _data(), dict(warm_start_rows=40, family=family)
+    with caplog.at_level("INFO", logger="svi"):
+        straight = _fit(data, tmp_path / "a", 300, **kw)
+    assert any("step 100: quadratic control variate re-expanded" in r.getMessage() for r in caplog.records)
+    for stop in (50, 150):  # a checkpoint before the re-expansion, and one after it
+        _fit(data, tmp_path / f"b{stop}", stop, **kw)
+        resumed = _fit(data, tmp_path / f"b{stop}", 300, resume=True, force_resume=True, **kw)
+        _same(straight, resumed)
 
 
 def test_a_crash_between_write_and_rename_leaves_the_previous_checkpoint(tmp_path):
