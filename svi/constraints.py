@@ -1,8 +1,8 @@
 """Constraints a `Param` may carry.
 
 Re-exports `torch.distributions.constraints` and adds the ones models need that
-torch lacks. Bijections for them are registered into torch's own `biject_to`
-registry by :mod:`svi.transforms`, so user code and the engine see one registry.
+torch lacks. Bijections for them live in svi's own registry, `svi.transforms.biject_to`,
+which falls back to torch's `biject_to` for the rest; torch's registry is left as it is.
 """
 
 from __future__ import annotations

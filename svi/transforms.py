@@ -1,9 +1,13 @@
 """Constrained parameters <-> one unconstrained vector z of size K.
 
-Every constraint maps to R^n through ``torch.distributions.biject_to``
-(Kucukelbir et al., "Automatic Differentiation Variational Inference", JMLR 2017,
-section 2.3). Bijections torch lacks are registered here into torch's own
-registry: ordered vectors, ``lower_cholesky`` and ``positive_definite``.
+Every constraint maps to R^n through a bijection (Kucukelbir et al., "Automatic
+Differentiation Variational Inference", JMLR 2017, section 2.3) looked up in svi's
+own registry, :data:`biject_to`: a ``torch.distributions`` ``ConstraintRegistry`` (as
+torch's docstring suggests for libraries) holding what torch lacks or svi maps
+otherwise (ordered vectors, ``lower_cholesky``, ``positive_definite``, a plain exp for
+``positive``) and falling back to ``torch.distributions.biject_to`` for the rest.
+Importing svi changes nothing in torch's registry, so other libraries in the process
+keep torch's bijections.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-from torch.distributions import biject_to, constraints
+from torch.distributions import biject_to as torch_biject_to
+from torch.distributions import constraints
+from torch.distributions.constraint_registry import ConstraintRegistry
 from torch.distributions.transforms import (
     AffineTransform,
     ComposeTransform,
@@ -25,6 +31,7 @@ from svi import constraints as svi_constraints
 from svi.model import ModelError, Param
 
 __all__ = [
+    "biject_to",
     "OrderedTransform",
     "LowerCholeskyFillTransform",
     "CholeskyOuterTransform",
@@ -133,7 +140,21 @@ class CholeskyOuterTransform(Transform):
         return d * math.log(2.0) + (powers * torch.diagonal(x, dim1=-2, dim2=-1).log()).sum(-1)
 
 
-# --- registrations into torch's registry ---------------------------------------------------
+# --- svi's registry ---------------------------------------------------------------------------
+class _Registry(ConstraintRegistry):
+    """A registry that answers for the constraints registered in it and asks torch's for the rest
+    (so a user's registration into either one is found)."""
+
+    def __call__(self, constraint):
+        if type(constraint) in self._registry:
+            return super().__call__(constraint)
+        return torch_biject_to(constraint)
+
+
+#: constraint -> bijection from unconstrained space, for every parameter svi fits
+biject_to = _Registry()
+
+
 @biject_to.register(svi_constraints.OrderedVector)
 def _ordered(constraint):
     return OrderedTransform()
@@ -149,16 +170,13 @@ def _positive_definite(constraint):
     return ComposeTransform([LowerCholeskyFillTransform(), CholeskyOuterTransform()])
 
 
-_torch_greater_than = biject_to._registry[type(constraints.positive)]
-
-
 @biject_to.register(type(constraints.positive))
 def _greater_than(constraint):
     # torch composes exp with an affine shift even for a zero lower bound; the plain
     # exp is the same bijection with one op fewer on every step.
     if isinstance(constraint.lower_bound, (int, float)) and constraint.lower_bound == 0:
         return ExpTransform()
-    return _torch_greater_than(constraint)
+    return torch_biject_to(constraint)
 
 
 # --- the flat unconstrained space --------------------------------------------------------
@@ -233,7 +251,7 @@ class ParamSpace:
                     f"{model_name}: parameter {name!r} has constraint {p.constraint!r}, which has no bijection "
                     "to unconstrained space. Use one of real, positive, greater_than, less_than, interval, "
                     "unit_interval, simplex, ordered_vector, corr_cholesky, lower_cholesky, positive_definite, "
-                    "or register one with torch.distributions.biject_to.register."
+                    "or register one with svi.transforms.biject_to.register (or torch.distributions.biject_to.register)."
                 ) from None
             ushape = tuple(t.inverse_shape(p.shape))
             size = math.prod(ushape)

@@ -5,11 +5,10 @@ import math
 import pytest
 import torch
 from torch.autograd.functional import jacobian
-from torch.distributions import biject_to
 
 from svi import constraints
 from svi.model import ModelError, Param
-from svi.transforms import ParamSpace, element_names
+from svi.transforms import ParamSpace, biject_to, element_names
 
 
 
@@ -123,3 +122,23 @@ def test_group_layout_joins_effects_of_the_same_groups_into_one_block():
     assert by_size[(3, 3)] == [[2, 6, 7], [3, 8, 9], [4, 10, 11]]  # each group's intercept and slopes together
     assert by_size[(4, 1)] == [[12], [13], [14], [15]]
     assert ParamSpace({"w": Param((2,))}).group_layout().groups == ()
+
+
+def test_importing_svi_leaves_torchs_registry_as_it_was():
+    """Other libraries in the process keep torch's bijections; svi's registry answers for svi."""
+    import subprocess
+    import sys
+
+    code = ("import torch.distributions as d; before = {k: v for k, v in d.biject_to._registry.items()}; "
+            "import svi, svi.transforms as t; after = d.biject_to._registry; "
+            "assert before == after, set(after) ^ set(before); "
+            "assert type(d.biject_to(d.constraints.positive)).__name__ == 'ComposeTransform'; "
+            "assert type(t.biject_to(d.constraints.positive)).__name__ == 'ExpTransform'; "
+            "assert type(t.biject_to(d.constraints.interval(0, 2))) is type(d.biject_to(d.constraints.interval(0, 2))); "
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    with pytest.raises(NotImplementedError):
+        import torch.distributions as d
+
+        d.biject_to(constraints.ordered_vector)  # svi's own constraints are svi's registry's alone
