@@ -183,7 +183,7 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
             rank=world.rank, world_size=world.world_size, world=world, started=began or time.perf_counter(),
             reanchor=lambda z: anchor_statistics(model, space, z, source.chunks(rank=world.rank,
                                                                                 world_size=world.world_size),
-                                                 reduce_sum=lambda t: dist.all_mean(t, world) * world.world_size),
+                                                 reduce_sum=lambda t: dist.all_sum(t, world)),
         )
         resume = _find_checkpoint(opts, world)
         if resume is not None:

@@ -20,8 +20,10 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-def _launch_rank() -> int:
-    """This process's rank under torchrun (0 otherwise): only rank 0 talks to the user."""
+def launch_rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 talks to the user. Read here
+    rather than from svi.distributed, which imports torch: ``svi --version`` and ``--help`` stay
+    instant."""
     return int(os.environ.get("RANK", "0"))
 
 
@@ -30,7 +32,7 @@ def _setup_logging() -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s svi %(message)s", "%H:%M:%S"))
     logger = logging.getLogger("svi")
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO if _launch_rank() == 0 else logging.WARNING)
+    logger.setLevel(logging.INFO if launch_rank() == 0 else logging.WARNING)
     logger.propagate = False
     # MLflow's artifact download bars would interleave with svi's own lines
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -40,7 +42,7 @@ def _print_fit_report(post, cfg) -> None:
     import numpy as np
     import pandas as pd
 
-    if _launch_rank() != 0:  # under torchrun every rank holds the posterior; one report is enough
+    if launch_rank() != 0:  # under torchrun every rank holds the posterior; one report is enough
         return
     table = post.summary(n=cfg.output.summary_draws if cfg is not None else 4000)
     truth = post.info.get("truth")
@@ -424,7 +426,7 @@ def _quiet_warnings() -> None:
         print(f"svi: warning: {message}", file=file or sys.stderr)
 
     warnings.showwarning = one_line
-    if _launch_rank() != 0:  # every decision is all-reduced, so rank 0 warns for all of them
+    if launch_rank() != 0:  # every decision is all-reduced, so rank 0 warns for all of them
         warnings.simplefilter("ignore")
 
 

@@ -24,6 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from svi.checkpoint import JOB_FILE
+from svi.distributed import launch_rank
 from svi.options import FitOptions, OptionsError, suggest
 
 __all__ = ["JobConfig", "ConfigError", "load_config", "fit_config", "build_model", "fit_options", "JOB_FILE"]
@@ -267,7 +268,7 @@ def ensure_data(cfg: DictConfig) -> dict | None:
     truth_file = jobs_truth_file(path)
     if cfg.data.make is not None and not truth_file.is_file():
         m = cfg.data.make
-        if _launch_rank() == 0:
+        if launch_rank() == 0:
             print(f"making synthetic data: {m.rows:,} rows of {m.model} in {path} ...", flush=True)
             write_synthetic(path, m.model, m.rows, m.features, m.files, m.row_group_size, m.seed, m.groups,
                             m.components, m.varying_slopes, heldout=m.heldout)
@@ -303,11 +304,7 @@ def fit_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), cf
     record = {"job": OmegaConf.to_container(cfg, resolve=True), "truth": truth["truth"] if truth else None}
     post = svi.fit(model, cfg.data.path, columns=columns, job_yaml=OmegaConf.to_yaml(cfg, resolve=True),
                    record=record, **dataclasses.asdict(opts))
-    if cfg.output.posterior and _launch_rank() == 0:
+    if cfg.output.posterior and launch_rank() == 0:
         post.save(cfg.output.posterior)
     return post
 
-
-def _launch_rank() -> int:
-    """This process's rank as torchrun set it (0 outside torchrun); known before any process group."""
-    return int(os.environ.get("RANK", "0"))

@@ -77,10 +77,9 @@ def full_log_joint(post: Posterior, z: torch.Tensor, chunks, world=None) -> torc
     total = torch.zeros(z.shape[0], dtype=torch.float64)
     for chunk in chunks:
         total += _log_likelihood_sums(post.model, theta, chunk, z.dtype)
-    if world is not None and world.world_size > 1:
-        from svi import distributed
+    from svi import distributed
 
-        total = distributed.all_mean(total, world) * world.world_size
+    total = distributed.all_sum(total, world)
     return total + post.model.log_prior(theta).double() + log_det.double()
 
 

@@ -17,8 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
-__all__ = ["World", "setup", "teardown", "wrap", "all_mean", "all_min", "gather_object", "barrier", "broadcast_object",
-           "agreed", "PeerError"]
+__all__ = ["World", "setup", "teardown", "wrap", "all_mean", "all_sum", "all_min", "gather_object", "barrier",
+           "broadcast_object", "agreed", "PeerError", "launch_rank"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class World:
 def setup(device_option: str = "cpu") -> World:
     """Join the process group torchrun describes in the environment (a world of one otherwise)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launch_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_size <= 1:
         return World()
@@ -107,15 +107,29 @@ def _reduce(t: torch.Tensor, world: World, op) -> torch.Tensor:
     return out
 
 
-def all_mean(t: torch.Tensor, world: World) -> torch.Tensor:
-    """Elementwise mean over ranks (on the tensor's own device)."""
-    if world.world_size <= 1:
+def all_mean(t: torch.Tensor, world: World | None) -> torch.Tensor:
+    """Elementwise mean over ranks (on the tensor's own device; ``t`` itself in a world of one)."""
+    if world is None or world.world_size <= 1:
         return t
     return _reduce(t, world, torch_dist.ReduceOp.SUM) / world.world_size
 
 
-def all_min(t: torch.Tensor, world: World) -> torch.Tensor:
-    if world.world_size <= 1:
+def all_sum(t: torch.Tensor, world: World | None) -> torch.Tensor:
+    """Elementwise sum over ranks (``t`` itself in a world of one, or without a world)."""
+    if world is None or world.world_size <= 1:
+        return t
+    return _reduce(t, world, torch_dist.ReduceOp.SUM)
+
+
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun), known before any process group
+    exists: what decides, before a fit starts, which process talks to the user."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def all_min(t: torch.Tensor, world: World | None) -> torch.Tensor:
+    """Elementwise minimum over ranks (``t`` itself in a world of one)."""
+    if world is None or world.world_size <= 1:
         return t
     return _reduce(t, world, torch_dist.ReduceOp.MIN)
 

@@ -66,7 +66,7 @@ class FitContext:
 
     def all_mean(self, t: torch.Tensor) -> torch.Tensor:
         """Mean over ranks, so every rank makes the same decision from the same numbers."""
-        return t if self.world is None else dist.all_mean(t, self.world)
+        return dist.all_mean(t, self.world)
 
 
 @dataclass
@@ -290,8 +290,7 @@ def search_stan_eta(ctx: FitContext, family: Family, stream: Iterator) -> float:
             opt.step()
         value = evaluate_elbo(ctx, family, o.elbo_samples, gen)  # a collective: every rank calls it
         flag = torch.tensor(-math.inf if diverged or not math.isfinite(value) else 0.0, dtype=torch.float64)
-        if ctx.world is not None:
-            flag = dist.all_min(flag, ctx.world)  # one rank's divergence fails the eta everywhere
+        flag = dist.all_min(flag, ctx.world)  # one rank's divergence fails the eta everywhere
         return value if float(flag) == 0.0 else -math.inf
 
     result = search_eta(trial, elbo_init)
@@ -327,8 +326,7 @@ def step(ctx: FitContext, state: TrainState, batch: Mapping[str, torch.Tensor]) 
         grads = [p.grad for p in state.family.parameters() if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         finite = torch.isfinite(est.value.detach() + grad_norm).to(torch.float64)
-        if ctx.world_size > 1:  # one rank's NaN stops the step on every rank
-            finite = dist.all_min(finite, ctx.world)
+        finite = dist.all_min(finite, ctx.world)  # one rank's NaN stops the step on every rank
         ok = bool(finite)  # the step's one host sync: the guard needs it
         if ok:
             state.optimizer.step()
