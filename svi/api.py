@@ -497,8 +497,8 @@ def _log_outputs(post: Posterior, tracker: Tracker, opts: FitOptions) -> None:
     if post.info["history"]:
         _elbo_plot(post.info["history"], folder / "elbo.png")
         tracker.log_artifact(str(folder / "elbo.png"))
-    if opts.register_model:
-        tracker.register_model(opts.register_model)
+    if opts.register_model:  # a logged model of the run, so the registry shows its signature
+        tracker.register_model(opts.register_model, folder / "posterior")
 
 
 def _elbo_plot(history, path: Path) -> None:
