@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import torch
 
 from svi import distributed as dist
+from svi import progress
 from svi.checkpoint import (JOB_FILE, CheckpointError, atomic_write_text, is_file, join, latest_checkpoint,
                             local_folder, read_text, remove_stale_temporaries, save_checkpoint)
 from svi.data.columns import DataError
@@ -189,9 +190,9 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
             warm_batch=source.sample(opts.warm_start_rows, opts.seed + 13) if opts.warm_start != "none" else None,
             heldout_batch=_heldout_rows(model, opts, columns, dtype, device) if world.rank == 0 else None,
             rank=world.rank, world_size=world.world_size, world=world, started=began or time.perf_counter(),
-            reanchor=lambda z: anchor_statistics(model, space, z, source.chunks(rank=world.rank,
-                                                                                world_size=world.world_size),
-                                                 reduce_sum=lambda t: dist.all_mean(t, world) * world.world_size),
+            reanchor=lambda z, leave=False: anchor_statistics(
+                model, space, z, _full_pass(source, opts, world, leave),
+                reduce_sum=lambda t: dist.all_mean(t, world) * world.world_size),
         )
         resume = _find_checkpoint(opts, world)
         if resume is not None:
@@ -214,9 +215,10 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
             anchor = None
             if warm and opts.control_variate and batch * world.world_size < num_rows:
                 started = time.perf_counter()
-                anchor = ctx.reanchor(fam.frame_loc)
-                log.info("full-data pass for the control variate: %s rows in %.1f s", f"{num_rows:,}",
-                         time.perf_counter() - started)
+                anchor = ctx.reanchor(fam.frame_loc, leave=True)  # a phase of its own: its bar stays
+                if not progress.shown(opts.progress, world.rank):
+                    log.info("full-data pass for the control variate: %s rows in %.1f s", f"{num_rows:,}",
+                             time.perf_counter() - started)
             state = init_state(ctx, fam, note, eta, trainable=dist.wrap(fam, world), anchor=anchor)
         else:
             path, saved = resume
@@ -276,6 +278,16 @@ def check_model(model: Model, space: ParamSpace, rows: Mapping[str, torch.Tensor
         raise ModelError(f"{model.name}.log_likelihood has no gradient with respect to the parameters: compute it "
                          "with torch operations on the parameter tensors (no .item(), .detach(), .numpy() or "
                          "torch.no_grad())")
+
+
+def _full_pass(source, opts: FitOptions, world, leave: bool):
+    """This rank's share of the rows for the data control variate's statistics, with a bar of the
+    rows done when bars are shown (the one at the start stays, the re-anchoring ones during the
+    fit vanish when done)."""
+    chunks = source.chunks(rank=world.rank, world_size=world.world_size)
+    # with several ranks rank 0 passes over its share, whose size the sources do not say
+    total = source.num_rows if world.world_size == 1 else None
+    return progress.counted(chunks, opts.progress, world.rank, "full-data pass", total, leave)
 
 
 def _stream(source, batch_size, seed, device, opts, world):
@@ -470,7 +482,7 @@ def _end_of_fit_khat(post: Posterior, source, opts: FitOptions) -> None:
     rows = min(opts.khat_rows, max(_KHAT_MIN_ROWS, _KHAT_ROW_BUDGET // post.space.size))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one warning below, with advice, instead of the diagnostic's own
-        result = psis_on_rows(post, source, rows, seed=opts.seed + 31)
+        result = psis_on_rows(post, source, rows, seed=opts.seed + 31, progress=opts.progress)
     post.info["khat"] = result.khat
     post.info["khat_rows"] = min(rows, source.num_rows)
     log.info("PSIS k-hat %.2f on %s rows in %.1f s", result.khat, f"{post.info['khat_rows']:,}",

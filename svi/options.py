@@ -91,7 +91,8 @@ class FitOptions:
             (``OMP_NUM_THREADS``, else all cores), less one while Parquet is streamed through
             local reading threads, which need a core of their own (when every core runs torch's
             OpenMP workers the two preempt each other; on 2 cores one thread streams 1.4x faster).
-        progress: show a progress bar (``auto``: when stdout is a terminal; plain log lines otherwise).
+        progress: show a progress bar per phase (warm start, full-data pass, fit, k-hat) on rank 0
+            (``auto``: when stderr, where the bars go, is a terminal; plain log lines otherwise).
         checkpoint_dir: folder for checkpoints (none are written when ``None``): a local folder or an
             fsspec URL (``s3://bucket/run/ckpt``, ``file:///scratch/ckpt``, ``memory://run``).
         checkpoint_every: steps between checkpoints (one is always written at the end).
