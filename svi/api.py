@@ -23,8 +23,9 @@ from urllib.parse import urlsplit
 import torch
 
 from svi import distributed as dist
-from svi.checkpoint import (JOB_FILE, CheckpointError, atomic_write_text, latest_checkpoint, remove_stale_temporaries,
-                            save_checkpoint)
+from svi import progress
+from svi.checkpoint import (JOB_FILE, CheckpointError, atomic_write_text, is_file, join, latest_checkpoint,
+                            local_folder, read_text, remove_stale_temporaries, save_checkpoint)
 from svi.data.columns import DataError
 from svi.data.parquet import ParquetSource
 from svi.data.source import open_source, raise_if_unknown, standardize
@@ -32,7 +33,7 @@ from svi.elbo import anchor_statistics
 from svi.families import resolve_family
 from svi.model import Model, ModelError, check_model_outputs
 from svi.options import SAFE_TO_CHANGE, FitOptions
-from svi.posterior import Posterior
+from svi.posterior import Posterior, load_posterior
 from svi.tracking import MLflowTracker, NullTracker, RunNotFoundError, Tracker, fit_status_tags
 from svi.trainer import (FitContext, build_family, group_effect_advice, init_state, load_state_dict, search_stan_eta,
                          state_dict, train)
@@ -156,6 +157,14 @@ def _data_path(data) -> str | None:
     return text if "://" in text else os.path.abspath(text)
 
 
+def _where(checkpoint_dir: str | None) -> str:
+    """The checkpoint folder as a run tag: an absolute local path, a URL as given, or ""."""
+    if not checkpoint_dir:
+        return ""
+    local = local_folder(checkpoint_dir)
+    return os.path.abspath(local) if local is not None else checkpoint_dir
+
+
 def _intra_op_threads(requested: int | None, source) -> int:
     """torch's threads for the fit: as requested, else the current setting less one core for the
     reading threads while Parquet is streamed locally (see FitOptions.threads)."""
@@ -181,9 +190,9 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
             warm_batch=source.sample(opts.warm_start_rows, opts.seed + 13) if opts.warm_start != "none" else None,
             heldout_batch=_heldout_rows(model, opts, columns, dtype, device) if world.rank == 0 else None,
             rank=world.rank, world_size=world.world_size, world=world, started=began or time.perf_counter(),
-            reanchor=lambda z: anchor_statistics(model, space, z, source.chunks(rank=world.rank,
-                                                                                world_size=world.world_size),
-                                                 reduce_sum=lambda t: dist.all_sum(t, world)),
+            reanchor=lambda z, leave=False: anchor_statistics(
+                model, space, z, _full_pass(source, opts, world, leave),
+                reduce_sum=lambda t: dist.all_sum(t, world)),
         )
         resume = _find_checkpoint(opts, world)
         if resume is not None:
@@ -194,7 +203,7 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
     with dist.agreed(world):  # a round of its own: a peer's failed check never leaves rank 0's new run open
         tracker = tracker or _make_tracker(opts, world, resume)
     if job_yaml and opts.checkpoint_dir and world.rank == 0:  # only now: a refused resume writes nothing
-        atomic_write_text(Path(opts.checkpoint_dir) / JOB_FILE, job_yaml)
+        atomic_write_text(join(opts.checkpoint_dir, JOB_FILE), job_yaml)
     stream = _stream(source, batch, opts.seed, device, opts, world)
     try:
         if resume is None:
@@ -206,9 +215,10 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
             anchor = None
             if warm and opts.control_variate and batch * world.world_size < num_rows:
                 started = time.perf_counter()
-                anchor = ctx.reanchor(fam.frame_loc)
-                log.info("full-data pass for the control variate: %s rows in %.1f s", f"{num_rows:,}",
-                         time.perf_counter() - started)
+                anchor = ctx.reanchor(fam.frame_loc, leave=True)  # a phase of its own: its bar stays
+                if not progress.shown(opts.progress, world.rank):
+                    log.info("full-data pass for the control variate: %s rows in %.1f s", f"{num_rows:,}",
+                             time.perf_counter() - started)
             state = init_state(ctx, fam, note, eta, trainable=dist.wrap(fam, world), anchor=anchor)
         else:
             path, saved = resume
@@ -219,10 +229,10 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
             log.info("resumed from %s at step %d", path, state.step)
         if resume is None or getattr(tracker, "created", False):  # a new run: also on a resume into one
             tracker.log_params(_run_params(opts, model, space, fingerprints, num_rows, world))
-            tracker.set_tags({"svi.checkpoint_dir": os.path.abspath(opts.checkpoint_dir) if opts.checkpoint_dir else ""})
-            job = Path(opts.checkpoint_dir or ".") / JOB_FILE
-            if opts.checkpoint_dir and job.is_file():  # lets `svi resume <run id>` rebuild the job elsewhere
-                tracker.log_artifact(str(job))
+            tracker.set_tags({"svi.checkpoint_dir": _where(opts.checkpoint_dir)})
+            local = local_folder(opts.checkpoint_dir)  # a remote job.yaml stays beside its checkpoints
+            if local is not None and (local / JOB_FILE).is_file():  # lets `svi resume <run id>` rebuild the job elsewhere
+                tracker.log_artifact(str(local / JOB_FILE))
         checkpoint = _checkpointer(opts, fingerprints, world, tracker, space)
         result = train(ctx, state, stream, tracker, checkpoint)
         info = {
@@ -240,7 +250,7 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
         if world.rank == 0:
             _end_of_fit_khat(post, source, opts)
             if opts.checkpoint_dir:  # what a finished job run again hands back (_finished_posterior)
-                post.save(Path(opts.checkpoint_dir) / FINISHED_POSTERIOR)
+                post.save(join(opts.checkpoint_dir, FINISHED_POSTERIOR))
             tracker.set_tags(fit_status_tags(post.info))
             _log_outputs(post, tracker, opts)
         tracker.finish("FINISHED")
@@ -268,6 +278,16 @@ def check_model(model: Model, space: ParamSpace, rows: Mapping[str, torch.Tensor
         raise ModelError(f"{model.name}.log_likelihood has no gradient with respect to the parameters: compute it "
                          "with torch operations on the parameter tensors (no .item(), .detach(), .numpy() or "
                          "torch.no_grad())")
+
+
+def _full_pass(source, opts: FitOptions, world, leave: bool):
+    """This rank's share of the rows for the data control variate's statistics, with a bar of the
+    rows done when bars are shown (the one at the start stays, the re-anchoring ones during the
+    fit vanish when done)."""
+    chunks = source.chunks(rank=world.rank, world_size=world.world_size)
+    # with several ranks rank 0 passes over its share, whose size the sources do not say
+    total = source.num_rows if world.world_size == 1 else None
+    return progress.counted(chunks, opts.progress, world.rank, "full-data pass", total, leave)
 
 
 def _stream(source, batch_size, seed, device, opts, world):
@@ -332,10 +352,10 @@ def _finished_posterior(model: Model, opts: FitOptions, resume) -> Posterior | N
     reason, step = saved.get("finished"), int(saved["ranks"][0]["state"]["step"])
     if not reason or (reason == "max_steps" and step < opts.max_steps):
         return None
-    folder = Path(opts.checkpoint_dir) / FINISHED_POSTERIOR
-    if not (folder / "posterior.json").is_file():  # written by an older svi: resume as before
+    folder = join(opts.checkpoint_dir, FINISHED_POSTERIOR)
+    if not is_file(join(folder, "posterior.json")):  # written by an older svi: resume as before
         return None
-    post = Posterior.load(folder, model=model)
+    post = Posterior.load(folder, model=model) if isinstance(folder, Path) else load_posterior(folder, model=model)
     if post.info.get("steps") != step or post.info.get("fingerprints") != saved.get("fingerprints"):
         return None  # saved by another fit (killed between its last checkpoint and this file): not this one's
     log.info("%s holds a finished fit (step %d, %s): nothing to do. resume=false starts a new fit; a fit that ran "
@@ -372,7 +392,8 @@ def _checkpointer(opts: FitOptions, fingerprints, world, tracker, space: ParamSp
                        "ranks": sorted(ranks, key=lambda r: r["rank"])}
             path = save_checkpoint(opts.checkpoint_dir, state.step, payload, keep=opts.keep_checkpoints)
             tracker.commit()  # the metrics up to this checkpoint: a resume will not repeat them
-            tracker.log_artifact(str(path), "checkpoints")
+            if isinstance(path, Path):  # a remote folder is its own durable copy: the run's tag names it
+                tracker.log_artifact(str(path), "checkpoints")
         dist.barrier(world)  # no rank runs past a checkpoint before it is on disk
 
     return checkpoint
@@ -392,10 +413,13 @@ def _make_tracker(opts: FitOptions, world, resume) -> Tracker:
     if not opts.tracking or world.rank != 0:
         return NullTracker()
     run_id = resume[1].get("run_id") if resume is not None else None
-    marker = Path(opts.checkpoint_dir) / RUN_ID_FILE if opts.checkpoint_dir else None
-    if run_id is None and marker is not None and opts.resume is not False and marker.is_file():
-        run_id = marker.read_text().strip() or None
-    kw = dict(system_metrics=opts.system_metrics, spool_dir=opts.checkpoint_dir, hold_metrics=bool(opts.checkpoint_dir),
+    marker = join(opts.checkpoint_dir, RUN_ID_FILE) if opts.checkpoint_dir else None
+    if run_id is None and marker is not None and opts.resume is not False and is_file(marker):
+        run_id = read_text(marker).strip() or None
+    # the spool lists local files to upload, so it stays on this machine: beside local checkpoints,
+    # else in the working folder (as for a fit without checkpoints)
+    local = local_folder(opts.checkpoint_dir)
+    kw = dict(system_metrics=opts.system_metrics, spool_dir=local, hold_metrics=bool(opts.checkpoint_dir),
               finish_wait=opts.tracking_wait)
     try:
         tracker = MLflowTracker(opts.tracking_uri, opts.experiment, opts.run_name, run_id=run_id, **kw)
@@ -419,10 +443,10 @@ def _make_tracker(opts: FitOptions, world, resume) -> Tracker:
         log.warning("%s (%s names it); continuing from step %d in a new run %s there, tagged "
                     "svi.resumed_from_run", e, source, step, tracker.run_id)
     if not tracker.created and opts.checkpoint_dir:  # the same run goes on: send what an outage left unsent
-        sent = tracker.adopt_spool(opts.checkpoint_dir)
+        sent = tracker.adopt_spool(local)
         if sent:
             log.info("sending %d tracking operations that an earlier tracking outage left in %s", sent,
-                     opts.checkpoint_dir)
+                     local or os.getcwd())
     if marker is not None:
         atomic_write_text(marker, tracker.run_id)
     return tracker
@@ -458,7 +482,7 @@ def _end_of_fit_khat(post: Posterior, source, opts: FitOptions) -> None:
     rows = min(opts.khat_rows, max(_KHAT_MIN_ROWS, _KHAT_ROW_BUDGET // post.space.size))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one warning below, with advice, instead of the diagnostic's own
-        result = psis_on_rows(post, source, rows, seed=opts.seed + 31)
+        result = psis_on_rows(post, source, rows, seed=opts.seed + 31, progress=opts.progress)
     post.info["khat"] = result.khat
     post.info["khat_rows"] = min(rows, source.num_rows)
     log.info("PSIS k-hat %.2f on %s rows in %.1f s", result.khat, f"{post.info['khat_rows']:,}",
@@ -481,8 +505,8 @@ def _log_outputs(post: Posterior, tracker: Tracker, opts: FitOptions) -> None:
         return
     from svi.posterior import save_mlflow_model
 
-    if opts.checkpoint_dir:
-        folder = Path(opts.checkpoint_dir) / "outputs"
+    if local_folder(opts.checkpoint_dir):  # uploads read local files: a remote folder gets a temporary one
+        folder = local_folder(opts.checkpoint_dir) / "outputs"
         shutil.rmtree(folder, ignore_errors=True)  # a resumed fit's outputs replace the earlier ones
         folder.mkdir(parents=True)
     else:
@@ -497,8 +521,8 @@ def _log_outputs(post: Posterior, tracker: Tracker, opts: FitOptions) -> None:
     if post.info["history"]:
         _elbo_plot(post.info["history"], folder / "elbo.png")
         tracker.log_artifact(str(folder / "elbo.png"))
-    if opts.register_model:
-        tracker.register_model(opts.register_model)
+    if opts.register_model:  # a logged model of the run, so the registry shows its signature
+        tracker.register_model(opts.register_model, folder / "posterior")
 
 
 def _elbo_plot(history, path: Path) -> None:

@@ -6,6 +6,10 @@ the same folder, fsync'ed, and moved into place with ``os.replace``, so a crash 
 moment leaves either the old set of checkpoints or the new one, never a torn file under
 a checkpoint's name. Loading verifies the checksum before anything is unpickled and
 unpickles with ``torch.load(weights_only=True)``: plain tensors and containers only.
+
+A checkpoint folder may also be an fsspec URL (``s3://bucket/run/ckpt``, ``memory://run``):
+the same files, written through the URL's file system (see :func:`save_checkpoint` for how
+atomic that is). ``file://`` URLs are local folders and take the local path.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import hashlib
 import io
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -21,17 +26,128 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["JOB_FILE", "CheckpointError", "atomic_write_text", "temporary_name", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint", "remove_stale_temporaries",
-           "CHECKPOINT_GLOB"]
+           "CHECKPOINT_GLOB", "location_problem", "local_folder", "join", "is_file", "read_text"]
 
 MAGIC = b"SVICKPT1"
 JOB_FILE = "job.yaml"  # the job's config beside its checkpoints, so `svi resume <folder>` can rebuild it
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 _TEMPORARY = re.compile(r"^\..+\.(\d+)\.\d+\.tmp$")
+# in a folder of a remote file system, several machines write: the writer's host is in the name
+_REMOTE_TEMPORARY = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.\d+\.tmp$")
+#: a remote temporary of another machine this old is left by a killed writer (an upload takes minutes, not an hour)
+REMOTE_STALE_SECONDS = 3600.0
 CHECKPOINT_GLOB = "ckpt-*.pt"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, altered, or incompatible with this run."""
+
+
+# --- where: a local folder, or an fsspec URL ---------------------------------------------------
+def location_problem(location: str) -> str | None:
+    """What is wrong with ``location`` as a folder for svi's files, or ``None``: an fsspec URL whose
+    protocol fsspec does not know, or whose file system's package is not installed."""
+    if "://" not in location:
+        return None
+    import fsspec
+
+    protocol = location.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        return (f"unknown protocol {protocol!r}: use a local folder, a file:// or memory:// URL, or a protocol "
+                "fsspec knows (s3://, gs://, abfs://, ...)")
+    except ImportError as e:  # a known protocol whose package is missing: fsspec's message names it
+        return f"protocol {protocol!r} needs a package that is not installed: {e}"
+    return None
+
+
+def _split(location: str | os.PathLike) -> tuple[Any, str]:
+    """(fsspec file system, its path) of a URL of a non-local file system; (None, the local path)
+    for a local folder or a ``file://`` URL, which keep the local code and its guarantees."""
+    text = os.fspath(location)
+    if "://" not in text:
+        return None, text
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    problem = location_problem(text)
+    if problem:
+        raise CheckpointError(f"cannot use {text!r} as a checkpoint folder: {problem}")
+    fs, path = fsspec.core.url_to_fs(text)
+    return (None, path) if isinstance(fs, LocalFileSystem) else (fs, path.rstrip("/"))
+
+
+def local_folder(location: str | os.PathLike | None) -> Path | None:
+    """``location`` as a local folder (a path or a ``file://`` URL), or ``None`` for a remote URL or ``None``."""
+    if location is None:
+        return None
+    fs, path = _split(location)
+    return Path(path) if fs is None else None
+
+
+def join(folder: str | os.PathLike, name: str) -> Path | str:
+    """``folder / name``: a :class:`Path` for a local folder, else a URL spelled as ``folder`` is."""
+    fs, path = _split(folder)
+    return Path(path) / name if fs is None else f"{os.fspath(folder).rstrip('/')}/{name}"
+
+
+def is_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (local, or an fsspec URL) is a file."""
+    fs, p = _split(path)
+    return Path(p).is_file() if fs is None else fs.isfile(p)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The text of file ``path`` (local, or an fsspec URL)."""
+    fs, p = _split(path)
+    return Path(p).read_text() if fs is None else fs.cat_file(p).decode()
+
+
+def _basename(path: str | os.PathLike) -> str:
+    return os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _host_tag() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+
+
+def _remote_temporary_name(name: str) -> str:
+    """A temporary name beside ``name`` on a remote file system: the writer's host, process and thread."""
+    import threading
+
+    return f".{name}.{_host_tag()}-{os.getpid()}.{threading.get_ident()}.tmp"
+
+
+def _write_remote(fs, path: str, data: bytes, before_replace: Callable[[str], None] | None = None) -> None:
+    """Write ``data`` to ``path`` on ``fs`` as atomically as the file system allows.
+
+    The whole payload goes to a temporary name first (one ``pipe_file`` of bytes already in
+    memory), then ``fs.mv`` puts it under its name. On object stores (S3, GCS, Azure) an object
+    appears only once its upload is complete, and the move is a server-side copy whose target is
+    likewise whole or absent; on file systems with a rename (SFTP, HDFS, memory) the move is that
+    rename. A reader therefore never sees a torn file under the final name. What a remote file
+    system does not offer is the local path's fsync of the folder; a crash between write and move
+    leaves a temporary (:func:`remove_stale_temporaries`), and the checksum in a checkpoint's
+    header catches anything else.
+    """
+    parent, _, name = path.rpartition("/")
+    tmp = f"{parent}/{_remote_temporary_name(name)}"
+    try:
+        fs.makedirs(parent, exist_ok=True)
+        fs.pipe_file(tmp, data)
+        if before_replace is not None:
+            before_replace(fs.unstrip_protocol(tmp))
+        fs.mv(tmp, path)
+    except BaseException:
+        try:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        except Exception:  # the file system is failing: the temporary is cleaned at the next start
+            pass
+        raise
 
 
 def temporary_name(path: Path) -> Path:
@@ -41,10 +157,15 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path | str:
     """Write ``text`` to ``path`` atomically: a private temporary file, then ``os.replace``.
-    Several processes may write the same file at once; each reader sees one whole version."""
-    path = Path(path)
+    Several processes may write the same file at once; each reader sees one whole version.
+    An fsspec URL is written as :func:`save_checkpoint` writes one."""
+    fs, local = _split(path)
+    if fs is not None:
+        _write_remote(fs, local, text.encode())
+        return os.fspath(path)
+    path = Path(local)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     try:
@@ -56,24 +177,48 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def _name(step: int) -> str:
+    return f"ckpt-{step:09d}.pt"
+
+
 def _path(folder: Path, step: int) -> Path:
-    return folder / f"ckpt-{step:09d}.pt"
+    return folder / _name(step)
 
 
 def save_checkpoint(folder: str | os.PathLike, step: int, state: dict[str, Any], keep: int = 3,
-                    before_replace: Callable[[Path], None] | None = None) -> Path:
+                    before_replace: Callable[[Path], None] | None = None) -> Path | str:
     """Write ``state`` as checkpoint ``step`` atomically and keep only the newest ``keep``.
 
     Args:
-        folder: checkpoint folder (created).
+        folder: checkpoint folder (created): a local folder, or an fsspec URL, written through
+            a temporary name and ``fs.mv`` (as atomic as that file system allows: see
+            :func:`_write_remote`).
         step: the optimisation step the state is at; names the file.
         state: nested dicts/lists of tensors and plain Python values.
         keep: how many checkpoints to keep (older ones are deleted after the new one is in place).
         before_replace: test hook called with the temporary file between write and rename.
+
+    Returns:
+        The checkpoint's path (a URL spelled like ``folder`` for a remote one).
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
+    fs, local = _split(folder)
+    if fs is not None:
+        torch.save(state, buf)
+        payload = buf.getvalue()
+        url = join(folder, _name(step))
+        try:
+            _write_remote(fs, f"{local}/{_name(step)}", MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n"
+                          + payload, before_replace)
+        except OSError as e:  # quota, permissions, a lost connection: the older checkpoints are untouched
+            raise CheckpointError(f"cannot write checkpoint {url}: {e}. The earlier checkpoints in {os.fspath(folder)} "
+                                  "are intact: fix the storage (or its credentials) and resume, or point "
+                                  "checkpoint.dir elsewhere") from None
+        for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
+            fs.rm(_split(old)[1])
+        return url
+    folder = Path(local)
+    folder.mkdir(parents=True, exist_ok=True)
     torch.save(state, buf)
     payload = buf.getvalue()
     digest = hashlib.sha256(payload).hexdigest().encode()
@@ -121,9 +266,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         CheckpointError: missing, truncated, altered or not a checkpoint; nothing is returned then.
     """
-    path = Path(path)
+    fs, local = _split(path)
+    path = Path(local) if fs is None else os.fspath(path)
     try:
-        raw = path.read_bytes()
+        raw = path.read_bytes() if fs is None else fs.cat_file(local)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     header_len = len(MAGIC) + 64 + 1
@@ -143,8 +289,14 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete temporary files that a killed process left in ``folder`` (see :func:`temporary_name`).
 
     Only files whose writing process is gone are removed, so another live writer's file is safe.
+    In a remote folder (an fsspec URL) that is known for this machine's writers; another
+    machine's temporary (a job pre-empted on one node, resumed on another) is removed once it is
+    ``REMOTE_STALE_SECONDS`` old, where the file system reports modification times.
     """
-    folder = Path(folder)
+    fs, local = _split(folder)
+    if fs is not None:
+        return _remove_stale_remote(fs, local, os.fspath(folder))
+    folder = Path(local)
     removed = []
     if not folder.is_dir():
         return removed
@@ -154,6 +306,29 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
             continue
         p.unlink(missing_ok=True)
         removed.append(p)
+    return removed
+
+
+def _remove_stale_remote(fs, root: str, url: str) -> list[str]:
+    removed = []
+    if not fs.isdir(root):
+        return removed
+    for p in fs.ls(root, detail=False):
+        m = _REMOTE_TEMPORARY.match(_basename(p))
+        if m is None:
+            continue
+        if m["host"] == _host_tag():
+            if _alive(int(m["pid"])):
+                continue
+        else:  # another machine's pid says nothing here: only its age does
+            try:
+                age = time.time() - fs.modified(p).timestamp()
+            except (NotImplementedError, OSError, AttributeError):  # no modification times: keep it
+                continue
+            if age < REMOTE_STALE_SECONDS:
+                continue
+        fs.rm(p)
+        removed.append(join(url, _basename(p)))
     return removed
 
 
@@ -169,9 +344,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
-    """Checkpoint files in ``folder``, oldest first."""
-    folder = Path(folder)
+def list_checkpoints(folder: str | os.PathLike) -> list[Path] | list[str]:
+    """Checkpoint files in ``folder``, oldest first (URLs spelled like ``folder`` for a remote one)."""
+    fs, local = _split(folder)
+    if fs is not None:
+        if not fs.isdir(local):
+            return []
+        names = sorted(n for n in map(_basename, fs.ls(local, detail=False)) if _NAME.match(n))
+        return [join(folder, n) for n in names]
+    folder = Path(local)
     if not folder.is_dir():
         return []
     return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=lambda p: p.name)
@@ -188,7 +369,7 @@ def latest_checkpoint(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]] 
             errors.append(str(e))
             continue
         for message in errors:
-            warnings.warn(f"skipping a damaged checkpoint: {message}; resuming from {path.name}", RuntimeWarning,
+            warnings.warn(f"skipping a damaged checkpoint: {message}; resuming from {_basename(path)}", RuntimeWarning,
                           stacklevel=2)
         return found
     if errors:

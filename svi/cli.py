@@ -1,7 +1,7 @@
 """The ``svi`` command: fit, resume, summary, sample, diagnose, data make | convert | stats.
 
     svi fit conf/quickstart.yaml family=fullrank
-    svi resume runs/quickstart/checkpoints        (or an MLflow run id)
+    svi resume runs/quickstart/checkpoints        (or an fsspec URL, or an MLflow run id)
     svi summary runs/quickstart/posterior
     svi sample runs:/<run_id>/posterior -n 1000 -o draws.parquet
     svi diagnose runs/quickstart/posterior
@@ -114,15 +114,25 @@ def cmd_fit(args) -> int:
 def cmd_resume(args) -> int:
     from svi.config import JOB_FILE, ConfigError, fit_config, load_config
 
+    from svi.checkpoint import is_file, join, read_text
     from svi.imports import UntrustedModelError, is_trusted
 
     target = Path(args.target)
-    remote = not target.is_dir()
-    folder = _checkpoint_folder_of_run(args.target, args.tracking_uri) if remote else target
-    job = folder / JOB_FILE
-    if not job.is_file():
+    url = "://" in args.target  # a checkpoint folder given as an fsspec URL: the user's own, like a local one
+    remote = not url and not target.is_dir()
+    folder = _checkpoint_folder_of_run(args.target, args.tracking_uri) if remote else args.target if url else target
+    job = join(folder, JOB_FILE)
+    if not is_file(job):
         raise ConfigError(f"{job} does not exist; resume a checkpoint folder written by `svi fit`")
-    cfg = load_config(job, [*args.overrides, f"checkpoint.dir={folder}", "resume=true"])
+    overrides = [*args.overrides, f"checkpoint.dir={folder}", "resume=true"]
+    if isinstance(job, Path):
+        cfg = load_config(job, overrides)
+    else:  # the config loader reads local files
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / JOB_FILE).write_text(read_text(job))
+            cfg = load_config(Path(tmp) / JOB_FILE, overrides)
     model_target = cfg.model.target
     module = model_target.partition(":")[0]
     if remote and not is_trusted(module, args.trust):
@@ -136,8 +146,9 @@ def cmd_resume(args) -> int:
     return 0
 
 
-def _checkpoint_folder_of_run(run_id: str, tracking_uri: str | None) -> Path:
-    """The run's local checkpoint folder, or its checkpoints downloaded from MLflow."""
+def _checkpoint_folder_of_run(run_id: str, tracking_uri: str | None) -> Path | str:
+    """The run's checkpoint folder (local, or the fsspec URL it was given as), or its checkpoints
+    downloaded from MLflow."""
     import mlflow.artifacts
     from mlflow.tracking import MlflowClient
 
@@ -148,6 +159,8 @@ def _checkpoint_folder_of_run(run_id: str, tracking_uri: str | None) -> Path:
     except Exception as e:  # MLflow raises its own exceptions for an unknown run
         raise SystemExit(f"svi resume: {run_id!r} is neither a checkpoint folder nor a run in {uri}: {e}")
     local = run.data.tags.get("svi.checkpoint_dir")
+    if local and "://" in local:  # a remote folder keeps its checkpoints there, not in the run's artifacts
+        return local
     if local and Path(local).is_dir():
         return Path(local)
     dst = Path("runs") / f"resume-{run_id}"
@@ -278,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resume", help="resume a fit from its checkpoints",
                        description="Resume from a checkpoint folder or an MLflow run id; the same run continues.")
-    p.add_argument("target", help="checkpoint folder (holding job.yaml) or MLflow run id")
+    p.add_argument("target", help="checkpoint folder (holding job.yaml; a path or an fsspec URL) or MLflow run id")
     p.add_argument("overrides", nargs="*", help="key=value overrides (only keys safe to change, with force_resume=true)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store holding the run (default MLFLOW_TRACKING_URI)")
     p.add_argument("--trust", action="append", default=[], metavar="MODULE",

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from svi import progress as bars
 from svi.posterior import Posterior, load_posterior
 
 __all__ = ["Diagnosis", "full_log_joint", "psis", "psis_on_rows", "diagnose"]
@@ -107,15 +108,22 @@ def _log_likelihood_sums(model, theta, rows, dtype) -> torch.Tensor:
     return total
 
 
-def psis(post: Posterior, chunks, num_draws: int = 1000, seed: int = 0, world=None) -> Diagnosis:
-    """PSIS k-hat of ``post`` against the full data the chunks cover."""
+def psis(post: Posterior, chunks, num_draws: int = 1000, seed: int = 0, world=None, progress: bool | str = False,
+         rows: int | None = None) -> Diagnosis:
+    """PSIS k-hat of ``post`` against the full data the chunks cover.
+
+    Args:
+        progress: show a bar of the rows done (``"auto"``: when stderr is a terminal; rank 0 only).
+        rows: the rows the chunks hold, for the bar's total.
+    """
     import arviz as az
 
     z = post.sample_unconstrained(num_draws, seed=seed).to(torch.float64)
     post64 = _float64(post)
     with torch.no_grad():
         log_q = post64.family.log_prob(z)
-    log_p = full_log_joint(post64, z, chunks, world)
+    rank = world.rank if world is not None else 0
+    log_p = full_log_joint(post64, z, bars.counted(chunks, progress, rank, "k-hat", rows), world)
     log_ratio = (log_p - log_q).numpy()
     if not np.all(np.isfinite(log_ratio)):
         bad = int((~np.isfinite(log_ratio)).sum())
@@ -133,7 +141,8 @@ def psis(post: Posterior, chunks, num_draws: int = 1000, seed: int = 0, world=No
     return Diagnosis(khat, lw, z, ess, post)
 
 
-def psis_on_rows(post: Posterior, source, rows: int, num_draws: int = 1000, seed: int = 0) -> Diagnosis:
+def psis_on_rows(post: Posterior, source, rows: int, num_draws: int = 1000, seed: int = 0,
+                 progress: bool | str = False) -> Diagnosis:
     """PSIS k-hat at the end of a fit, in seconds rather than a pass per draw over all the data.
 
     A data set of at most ``rows`` rows is diagnosed exactly. A larger one uses a uniform sample
@@ -150,6 +159,7 @@ def psis_on_rows(post: Posterior, source, rows: int, num_draws: int = 1000, seed
         post: the fitted posterior (with its model).
         source: the fit's data source (``num_rows``, ``sample``, ``chunks``).
         rows: the row budget.
+        progress: show a bar of the full-data pass, as in :func:`psis`.
     """
     import arviz as az
 
@@ -157,11 +167,11 @@ def psis_on_rows(post: Posterior, source, rows: int, num_draws: int = 1000, seed
 
     model = post.require_model("PSIS k-hat")
     if source.num_rows <= rows:
-        return psis(post, source.chunks(), num_draws, seed)
+        return psis(post, source.chunks(), num_draws, seed, progress=progress, rows=source.num_rows)
     post64 = _float64(post)
     space = post64.space
     m = post64.family.mean.detach().to(torch.float64)
-    full = anchor_statistics(model, space, m, source.chunks())
+    full = anchor_statistics(model, space, m, bars.counted(source.chunks(), progress, 0, "k-hat", source.num_rows))
     sample = source.sample(rows, seed + 29)
     n = next(iter(sample.values())).shape[0]
     part = anchor_statistics(model, space, m, [sample])
@@ -192,13 +202,14 @@ def _float64(post: Posterior) -> Posterior:
 
 def diagnose(uri_or_post: Any, data: Any = None, columns: Mapping | None = None, num_draws: int = 1000,
              seed: int = 0, tracking_uri: str | None = None, log_to_run: bool = True, model: Any = None,
-             trust: Sequence[str] = ()) -> Diagnosis:
+             trust: Sequence[str] = (), progress: bool | str = "auto") -> Diagnosis:
     """Load a posterior (or take one), stream its full data set, and compute PSIS k-hat.
 
     The data default to what the posterior was fitted to (its ``info["data_path"]`` and
     columns); the result is logged to the fit's MLflow run when it has one. The likelihood is
     the model's: ``model`` when given, else the posterior's own when it has one, else rebuilt
     from the file only for ``svi.models`` and modules in ``trust`` (see :mod:`svi.imports`).
+    ``progress`` shows a bar of the rows streamed (``"auto"``: when stderr is a terminal).
     """
     from svi.data.source import open_source
     from svi.options import FitOptions
@@ -217,7 +228,7 @@ def diagnose(uri_or_post: Any, data: Any = None, columns: Mapping | None = None,
                          FitOptions(in_memory_rows=0) if isinstance(data, (str,)) else FitOptions(),
                          validate=the_model.validate)
     try:
-        result = psis(post, source.chunks(), num_draws, seed)
+        result = psis(post, source.chunks(), num_draws, seed, progress=progress, rows=source.num_rows)
     finally:
         if hasattr(source, "close"):
             source.close()

@@ -91,8 +91,10 @@ class FitOptions:
             (``OMP_NUM_THREADS``, else all cores), less one while Parquet is streamed through
             local reading threads, which need a core of their own (when every core runs torch's
             OpenMP workers the two preempt each other; on 2 cores one thread streams 1.4x faster).
-        progress: show a progress bar (``auto``: when stdout is a terminal; plain log lines otherwise).
-        checkpoint_dir: folder for checkpoints (none are written when ``None``).
+        progress: show a progress bar per phase (warm start, full-data pass, fit, k-hat) on rank 0
+            (``auto``: when stderr, where the bars go, is a terminal; plain log lines otherwise).
+        checkpoint_dir: folder for checkpoints (none are written when ``None``): a local folder or an
+            fsspec URL (``s3://bucket/run/ckpt``, ``file:///scratch/ckpt``, ``memory://run``).
         checkpoint_every: steps between checkpoints (one is always written at the end).
         keep_checkpoints: how many checkpoints to keep.
         resume: ``True`` (a checkpoint must exist), ``"auto"`` (resume when one exists) or ``False``.
@@ -289,6 +291,11 @@ def _check(o: FitOptions) -> None:
         positive_int(key)
     if o.resume is not False and not o.checkpoint_dir:
         bad("resume", o.resume, "resume needs checkpoint_dir")
+    if isinstance(o.checkpoint_dir, str):
+        from svi.checkpoint import location_problem
+
+        if problem := location_problem(o.checkpoint_dir):
+            bad("checkpoint_dir", o.checkpoint_dir, problem)
     if o.progress not in (True, False, "auto"):
         bad("progress", o.progress, "true, false or 'auto'")
     if not isinstance(o.optimizer_options, dict):

@@ -209,9 +209,12 @@ class MLflowTracker:
         """Upload a local file or folder; it must stay in place until sent (or be spooled by path)."""
         self._sender.put({"op": "artifact", "path": os.path.abspath(path), "artifact_path": artifact_path})
 
-    def register_model(self, name: str) -> None:
-        """Register the run's ``posterior`` artifact as a new version of model ``name`` (after it is sent)."""
-        self._sender.put({"op": "register", "name": name})
+    def register_model(self, name: str, path: str | os.PathLike) -> None:
+        """Log the MLflow model folder ``path`` (written by :func:`svi.posterior.save_mlflow_model`) as
+        a logged model of the run and register it as a new version of model ``name`` (in the
+        background, like every other operation; see :func:`apply_op`). The folder must stay in place
+        until sent, as for :meth:`log_artifact`."""
+        self._sender.put({"op": "register", "name": name, "path": os.path.abspath(path)})
 
     def remove_when_sent(self, folder: str | os.PathLike) -> None:
         """Delete ``folder`` (a temporary home of artifacts) once everything has been sent."""
@@ -359,7 +362,13 @@ def apply_op(client, run_id: str, op: Mapping[str, Any]) -> str | None:
             client.get_registered_model(op["name"])
         except Exception:  # not registered yet
             client.create_registered_model(op["name"])
-        client.create_model_version(op["name"], source=f"runs:/{run_id}/posterior", run_id=run_id)
+        if "path" not in op:  # a spool written by an svi that registered the run artifact itself
+            client.create_model_version(op["name"], source=f"runs:/{run_id}/posterior", run_id=run_id)
+            return None
+        path = Path(op["path"])
+        if not path.is_dir():
+            return f"model {op['name']} not registered ({path} removed locally before the server answered)"
+        _log_and_register(client, run_id, op, path)
     elif kind == "status":
         if op.get("gaps"):
             client.set_tag(run_id, "svi.tracking_gaps", op["gaps"])
@@ -367,6 +376,48 @@ def apply_op(client, run_id: str, op: Mapping[str, Any]) -> str | None:
     else:
         raise ValueError(f"unknown tracking operation {kind!r}")
     return None
+
+
+def _log_and_register(client, run_id: str, op: dict, folder: Path) -> None:
+    """Log ``folder`` (an MLflow model folder) as an MLflow 3 *logged model* of run ``run_id`` and
+    register it as a new version of ``op["name"]``.
+
+    MLflow 3's registry and its Models pages read a version's signature from the logged model it
+    points to; a version made from plain run artifacts (``runs:/<run>/posterior``) shows "Inputs (0)".
+    This is what ``mlflow.pyfunc.log_model(name=..., registered_model_name=...)`` does (create the
+    logged model, link it to the run as an output, upload the folder, register ``models:/<model_id>``),
+    done with the tracker's own ``MlflowClient``: ``log_model`` works through MLflow's process-wide
+    fluent state (the global tracking URI, the thread's active run and experiment), which svi never
+    touches. Without an active run it even puts the model in experiment 0 with no source run. The
+    folder's ``MLmodel`` already holds the signature and the pinned requirements, so the logged model,
+    its registered version and the run's ``posterior`` artifact are the same files.
+
+    A retry after a lost server reuses the logged model recorded in ``op["model_id"]`` (the op is
+    kept, and spooled, with it) and creates no second version for it.
+    """
+    import tempfile
+
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.models import Model
+
+    if not op.get("model_id"):
+        experiment = client.get_run(run_id).info.experiment_id
+        op["model_id"] = client.create_logged_model(experiment, name="posterior", source_run_id=run_id).model_id
+        client.log_outputs(run_id, [LoggedModelOutput(op["model_id"], step=0)])
+    model = client.get_logged_model(op["model_id"])
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "model"
+        shutil.copytree(folder, staged)
+        mlmodel = Model.load(os.fspath(staged / "MLmodel"))
+        # what log_model writes into a logged model's MLmodel: where it lives and whose it is
+        mlmodel.model_id = mlmodel.model_uuid = model.model_id
+        mlmodel.run_id, mlmodel.artifact_path = run_id, model.artifact_location
+        mlmodel.save(os.fspath(staged / "MLmodel"))
+        client.log_model_artifacts(model.model_id, os.fspath(staged))
+    client.finalize_logged_model(model.model_id, "READY")
+    source = f"models:/{model.model_id}"  # by source: the sqlite registry does not return a version's model_id
+    if not any(v.source == source for v in client.search_model_versions(f"name='{op['name']}'")):
+        client.create_model_version(op["name"], source=source, run_id=run_id, model_id=model.model_id)
 
 
 # --- the spool: what a lost server did not get, replayed by `svi sync` or the next resume ------
@@ -398,7 +449,8 @@ def read_spool(path: Path) -> tuple[dict, list[dict]]:
     if not all(isinstance(op, dict) and op.get("op") in _OPS for op in ops):
         raise TrackingError(f"{path} holds an unknown operation; it was not written by this svi")
     for op in ops:
-        if op["op"] == "artifact" and not _svi_output(Path(op.get("path", "")), Path(path).parent):
+        if op["op"] in ("artifact", "register") and "path" in op and \
+                not _svi_output(Path(op.get("path", "")), Path(path).parent):
             # a spool is data: it may not make svi upload a file it did not write (a key, a password file)
             raise TrackingError(f"{path} asks to upload {op.get('path')!r}, which is neither beside the spool nor in "
                                 "a temporary svi-outputs folder; it was not written by svi")

@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import logging
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from svi import distributed as dist
+from svi import progress
 from svi.centering import choose_centering, describe as describe_centering
 from svi.convergence import Decision, IterateAverager, PosteriorConvergence, StanConvergence
 from svi.elbo import DataAnchor, ElboEstimate, ElboLoss, batch_size, elbo, log_predictive_density
@@ -58,8 +58,9 @@ class FitContext:
     warm_batch: Mapping[str, torch.Tensor] | None = None
     heldout_batch: Mapping[str, torch.Tensor] | None = None  # rows kept out of the fit (options.heldout)
     started: float = field(default_factory=time.perf_counter)  # when the fit began (before the warm start)
-    # one pass over the data for the data control variate's statistics at z (svi.elbo.anchor_statistics)
-    reanchor: Callable[[torch.Tensor], DataAnchor] | None = None
+    # one pass over the data for the data control variate's statistics at z (svi.elbo.anchor_statistics);
+    # reanchor(z, leave=True) keeps the pass's progress bar on screen when it is done
+    reanchor: Callable[..., DataAnchor] | None = None
     rank: int = 0
     world_size: int = 1
     world: Any = None  # svi.distributed.World; collectives run through it
@@ -135,13 +136,26 @@ def build_family(ctx: FitContext) -> tuple[Family, str, bool]:
     note, warm = "no warm start", False
     if o.warm_start == "laplace" and ctx.warm_batch is not None:
         rows = warm_start_rows(ctx.space.size, next(iter(ctx.warm_batch.values())).shape[0])
-        if ctx.rank == 0:  # a phase of its own (seconds on a large sample): say so before, not only after
+        bar = progress.bar(o.progress, ctx.rank, desc="warm start", unit="it",
+                           postfix=f"L-BFGS on {rows:,} of {ctx.num_rows:,} rows")
+        if bar is None and ctx.rank == 0:  # a phase of its own (seconds on a large sample): say so before it
             log.info("warm start: L-BFGS towards the mode on %s of %s rows, then the best Gaussian on its path ...",
                      f"{rows:,}", f"{ctx.num_rows:,}")
-        if ctx.space.auto_centering:
-            start, centring = _centre_group_effects(ctx, start)
-            note = centring + "; "
-        ws = _warm_start(ctx, start, family.warm_start_shape)
+
+        def on_iteration(log_density: float) -> None:  # every L-BFGS iteration, the group effects' rounds included
+            bar.update(1)
+            bar.set_postfix_str(f"L-BFGS on {rows:,} of {ctx.num_rows:,} rows  log density {log_density:.6g}",
+                                refresh=False)
+
+        hook = on_iteration if bar is not None else None
+        try:
+            if ctx.space.auto_centering:
+                start, centring = _centre_group_effects(ctx, start, on_iteration=hook)
+                note = centring + "; "
+            ws = _warm_start(ctx, start, family.warm_start_shape, hook)
+        finally:
+            if bar is not None:
+                bar.close()
         if ws is None:
             note = "warm start found no usable Gaussian (curvature not positive definite); started from init"
             warnings.warn(note, RuntimeWarning, stacklevel=3)
@@ -184,13 +198,14 @@ def _start_from_data(ctx: FitContext, start: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def _warm_start(ctx: FitContext, start: torch.Tensor, frame: str):
+def _warm_start(ctx: FitContext, start: torch.Tensor, frame: str, on_iteration=None):
     o = ctx.options
     return laplace_warm_start(ctx.model, ctx.space, ctx.warm_batch, ctx.num_rows, start, frame=frame,
-                              num_draws=o.warm_start_draws, seed=o.seed)
+                              num_draws=o.warm_start_draws, seed=o.seed, on_iteration=on_iteration)
 
 
-def _centre_group_effects(ctx: FitContext, start: torch.Tensor, search: bool = True, rounds: int = 2):
+def _centre_group_effects(ctx: FitContext, start: torch.Tensor, search: bool = True, rounds: int = 2,
+                          on_iteration=None):
     """Choose the "auto" group effects' centring from the data; returns (the point in the chosen
     coordinates to warm-start from, a line for the log).
 
@@ -200,14 +215,15 @@ def _centre_group_effects(ctx: FitContext, start: torch.Tensor, search: bool = T
     runs non-centred: its mode is bounded whatever the groups, where the centred density is not
     as the scale goes to 0; the second reads the information at the better mode. A round whose
     mode search ends outside the support keeps the last one. Without ``search`` the centring is
-    read at ``start`` (no warm start).
+    read at ``start`` (no warm start). ``on_iteration`` is L-BFGS's progress hook (see
+    :func:`svi.warmstart.find_mode`).
     """
     space = ctx.space
     rows = ctx.warm_batch if ctx.warm_batch is not None else ctx.eval_batch
     point = start
     for _ in range(rounds if search else 1):
         if search:
-            found, _ = find_mode(ctx.model, space, rows, ctx.num_rows, point)
+            found, _ = find_mode(ctx.model, space, rows, ctx.num_rows, point, on_iteration=on_iteration)
             if not bool(torch.isfinite(found).all()):
                 break
             point = found
@@ -382,7 +398,9 @@ def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker
     started = time.perf_counter()
     if state.last_good is None:
         state.last_good = _snapshot(state)
-    progress = _progress_bar(o, ctx.rank, state.step)
+    # no total: the stopping rule, not max_steps, decides when a fit ends, so a bar out of max_steps
+    # would stall at a small fraction with a meaningless ETA; the postfix shows the rule's distance
+    bar = progress.bar(o.progress, ctx.rank, initial=state.step, desc="fit", unit="step")
     decision = Decision()
     last_stats: dict = {}
     rows = 0
@@ -410,15 +428,15 @@ def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker
             now = time.perf_counter()
             metrics = _metrics(state, info, rows / max(now - t_log, 1e-9), ctx.space)
             tracker.log_metrics(metrics, state.step)
-            if progress is not None:
-                progress.set_postfix_str(f"elbo {metrics['elbo']:.6g}  lr {metrics['lr']:.3g}  "
+            if bar is not None:
+                bar.set_postfix_str(f"elbo {metrics['elbo']:.6g}  lr {metrics['lr']:.3g}  "
                                          f"{_distance(decision, o)}rows/s {metrics['rows_per_s']:.3g}")
             elif ctx.rank == 0 and o.progress is not False:
                 log.info("step %d (max %d)  elbo %.6g  lr %.3g  %srows/s %.3g", state.step, o.max_steps,
                          metrics["elbo"], metrics["lr"], _distance(decision, o), metrics["rows_per_s"])
             rows, t_log = 0, now
-        if progress is not None:
-            progress.update(1)
+        if bar is not None:
+            bar.update(1)
         if state.step >= window_end:
             values = ctx.all_mean(torch.stack(state.window_elbos).double()).tolist()
             state.window_elbos = []
@@ -439,8 +457,8 @@ def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker
             checkpoint(state, stream, None)
         if state.step % o.heldout_every == 0:
             score_heldout()
-    if progress is not None:
-        progress.close()
+    if bar is not None:
+        bar.close()
     if ctx.rank == 0 and o.progress is not False:
         log.info("%s at step %d", "converged" if decision.converged else "stopped without converging", state.step)
     converged = decision.converged
@@ -682,17 +700,6 @@ def _metrics(state: TrainState, info: StepInfo, rows_per_s: float, space: ParamS
     if all(b.identity for b in space.blocks):  # no constrained parameter: log|det J| is 0, a chart of nothing
         del metrics["log_det"]
     return metrics
-
-
-def _progress_bar(o: FitOptions, rank: int, initial: int):
-    show = o.progress if o.progress != "auto" else sys.stderr.isatty()
-    if rank != 0 or not show:
-        return None
-    from tqdm.auto import tqdm
-
-    # no total: the stopping rule, not max_steps, decides when a fit ends, so a bar out of max_steps
-    # would stall at a small fraction with a meaningless ETA; the postfix shows the rule's distance
-    return tqdm(initial=initial, desc="fit", unit="step", dynamic_ncols=True)
 
 
 def _distance(decision: Decision, o: FitOptions) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import scipy.optimize
@@ -87,6 +87,7 @@ def laplace_warm_start(
     max_candidates: int = 6,
     seed: int = 0,
     hessian_max_dim: int = 2000,
+    on_iteration: Callable[[float], None] | None = None,
 ) -> WarmStart | None:
     """Find a Gaussian starting point for the fit.
 
@@ -103,6 +104,8 @@ def laplace_warm_start(
         hessian_max_dim: above this K no Hessian is formed: L-BFGS works on a subsample of
             about 5e7 / K rows for at most 200 iterations, and the last point of its path gets
             the diagonal frame of a Hutchinson estimate of the Hessian's diagonal.
+        on_iteration: called after each L-BFGS iteration with the log density there (a progress
+            bar's hook: this module shows nothing itself).
 
     Returns:
         The best candidate, or ``None`` when no candidate had a positive-definite
@@ -120,7 +123,8 @@ def laplace_warm_start(
 
     # Above hessian_max_dim the SGD phase, not L-BFGS, does the last stretch: the frame needs a
     # point near the mode, not the mode itself.
-    path, converged, done = _lbfgs_path(objective, start, min(max_iter, _LARGE_MAX_ITER) if large else max_iter)
+    path, converged, done = _lbfgs_path(objective, start, min(max_iter, _LARGE_MAX_ITER) if large else max_iter,
+                                        on_iteration)
 
     gen = torch.Generator().manual_seed(seed)
     eps = torch.randn(num_draws, K, generator=gen, dtype=torch.float64)
@@ -239,8 +243,10 @@ def _hessian_diagonal(objective, z: torch.Tensor, seed: int) -> torch.Tensor:
     return total / _PROBES
 
 
-def _lbfgs_path(objective, start: torch.Tensor, max_iter: int) -> tuple[list[torch.Tensor], bool, int]:
-    """L-BFGS-B on ``objective`` from ``start``: (its path, start first; converged; iterations)."""
+def _lbfgs_path(objective, start: torch.Tensor, max_iter: int, on_iteration: Callable[[float], None] | None = None
+                ) -> tuple[list[torch.Tensor], bool, int]:
+    """L-BFGS-B on ``objective`` from ``start``: (its path, start first; converged; iterations).
+    ``on_iteration`` gets minus the objective (the log density) after each iteration."""
 
     def value_and_grad(x: np.ndarray):
         z = torch.from_numpy(x).requires_grad_(True)
@@ -251,9 +257,15 @@ def _lbfgs_path(objective, start: torch.Tensor, max_iter: int) -> tuple[list[tor
         return float(loss.detach()), grad.numpy()
 
     path = [start.detach().to(torch.float64).numpy().copy()]
+
+    def record(intermediate_result):  # SciPy passes an OptimizeResult to a parameter of this name
+        path.append(np.array(intermediate_result.x))
+        if on_iteration is not None:
+            on_iteration(-float(intermediate_result.fun))
+
     with torch.enable_grad():
         result = scipy.optimize.minimize(
-            value_and_grad, path[0], jac=True, method="L-BFGS-B", callback=lambda xk: path.append(np.array(xk)),
+            value_and_grad, path[0], jac=True, method="L-BFGS-B", callback=record,
             options={"maxiter": max_iter, "maxcor": 20, "ftol": 1e-15, "gtol": 1e-10},
         )
     if np.all(np.isfinite(result.x)) and not np.array_equal(path[-1], result.x):
@@ -262,14 +274,16 @@ def _lbfgs_path(objective, start: torch.Tensor, max_iter: int) -> tuple[list[tor
 
 
 def find_mode(model: Model, space: ParamSpace, batch: Mapping[str, torch.Tensor], num_rows: int,
-              start: torch.Tensor, max_iter: int = 500) -> tuple[torch.Tensor, bool]:
+              start: torch.Tensor, max_iter: int = 500,
+              on_iteration: Callable[[float], None] | None = None) -> tuple[torch.Tensor, bool]:
     """L-BFGS towards the mode of the unconstrained log density, without the Gaussians:
     (the last point of the path, whether L-BFGS converged). What a search that only needs a
-    point (the centring of group effects) uses; it forms no Hessian."""
+    point (the centring of group effects) uses; it forms no Hessian. ``on_iteration`` is as in
+    :func:`laplace_warm_start`."""
     batch = _to_float64(batch)
     n = next(iter(batch.values())).shape[0]
     path, converged, _ = _lbfgs_path(
-        lambda z: -_log_density(model, space, z.unsqueeze(0), batch, num_rows / n)[0], start, max_iter)
+        lambda z: -_log_density(model, space, z.unsqueeze(0), batch, num_rows / n)[0], start, max_iter, on_iteration)
     return path[-1], converged
 
 

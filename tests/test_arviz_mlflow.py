@@ -280,20 +280,50 @@ def test_svi_loo_prints_elpd_and_pareto_k_and_says_when_rows_were_sampled(linear
     assert res.returncode != 0 and "pass --data" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_a_tracked_parquet_fit_registers_a_model_with_named_inputs(frame, tmp_path, monkeypatch):
+def test_a_tracked_parquet_fit_registers_a_logged_model_with_named_inputs(frame, tmp_path, monkeypatch):
     import mlflow.artifacts
+    import mlflow.models
     import mlflow.pyfunc
+    from mlflow.tracking import MlflowClient
+
+    from svi.tracking import apply_op
 
     monkeypatch.chdir(tmp_path)
     frame.rename(columns={"a": "x0", "b": "x1", "c": "x2"}).to_parquet(tmp_path / "d.parquet")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # get_model_info reads MLflow's own default store
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        svi.fit(svi.models.LinearRegression(3), str(tmp_path / "d.parquet"), columns={"x": "x*", "y": "y"},
-                max_steps=300, khat_rows=0, tracking=True, tracking_uri=uri, register_model="lin")
+        post = svi.fit(svi.models.LinearRegression(3), str(tmp_path / "d.parquet"), columns={"x": "x*", "y": "y"},
+                       max_steps=300, khat_rows=0, tracking=True, tracking_uri=uri, register_model="lin",
+                       checkpoint_dir="ck", checkpoint_every=1000)
+    client = MlflowClient(uri)
+    run = client.get_run(post.info["run_id"])
+    version = client.get_model_version("lin", "1")
+    # MLflow 3's registry reads the signature from the logged model a version points to (the sqlite
+    # registry leaves version.model_id empty: the source names it)
+    assert version.source.startswith("models:/m-")
+    model_id = version.source.removeprefix("models:/")
+    logged = client.get_logged_model(model_id)
+    assert (logged.source_run_id, logged.experiment_id) == (run.info.run_id, run.info.experiment_id)
+    assert str(logged.status) == "READY"
+    assert [m.model_id for m in run.outputs.model_outputs] == [model_id]  # the run page lists it
+    for uri_of_model in ("models:/lin/1", f"models:/{model_id}"):
+        info = mlflow.models.get_model_info(uri_of_model)
+        assert info.signature.inputs.input_names() == ["x0", "x1", "x2"]  # "x*" expanded; y left out
+        assert info.model_id == model_id and info.run_id == run.info.run_id
+    assert {"posterior"} <= {a.path for a in client.list_artifacts(run.info.run_id)}  # runs:/<id>/posterior stays
     local = mlflow.artifacts.download_artifacts(artifact_uri="models:/lin/1", tracking_uri=uri,
                                                 dst_path=str(tmp_path / "registered"))
     loaded = mlflow.pyfunc.load_model(local)
-    assert loaded.metadata.get_input_schema().input_names() == ["x0", "x1", "x2"]  # "x*" expanded; y left out
+    assert loaded.metadata.get_input_schema().input_names() == ["x0", "x1", "x2"]
+    assert f"svi=={svi.__version__}" in (Path(local) / "requirements.txt").read_text().split()
     out = loaded.predict(pd.DataFrame({"x0": [0.1], "x1": [0.2], "x2": [0.3]}), params={"draws": 100})
     assert list(out.columns) == ["mean", "sd", "q5", "q50", "q95"] and len(out) == 1
+    again = svi.load_posterior("models:/lin/1", tracking_uri=uri)  # from the files alone: no pickled code
+    assert torch.equal(again.family.mean, post.family.mean)
+    # a retry after a lost answer (the op keeps its model id) makes no second version
+    apply_op(client, run.info.run_id, {"op": "register", "name": "lin", "path": str(tmp_path / "ck" / "outputs" /
+                                                                                    "posterior"),
+                                       "model_id": model_id})
+    assert [str(v.version) for v in client.search_model_versions("name='lin'")] == ["1"]

@@ -162,3 +162,101 @@ def test_kill_minus_nine_mid_fit_then_resume_matches_an_uninterrupted_fit(tmp_pa
     subprocess.run([sys.executable, str(script), str(tmp_path / "ck"), str(tmp_path / "a.npy")], env=env, check=True)
     subprocess.run([sys.executable, str(script), str(tmp_path / "ck2"), str(tmp_path / "b.npy")], env=env, check=True)
     assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+
+
+# --- checkpoint folders as fsspec URLs ------------------------------------------------------------
+@pytest.fixture
+def memory_url(tmp_path):
+    """A folder of fsspec's in-process memory file system, removed afterwards (the store is global)."""
+    import fsspec
+
+    url = f"memory://svi-tests/{tmp_path.name}/ck"
+    yield url
+    fs = fsspec.filesystem("memory")
+    if fs.exists(f"/svi-tests/{tmp_path.name}"):
+        fs.rm(f"/svi-tests/{tmp_path.name}", recursive=True)
+
+
+def test_a_remote_folder_resumes_to_the_parameters_of_a_straight_run(tmp_path, memory_url, monkeypatch):
+    import fsspec
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # the embedded MLflow store, and the spool of a remote folder, land here
+    data = _data()
+    straight = _fit(data, tmp_path / "a", 650)
+    first = _fit(data, memory_url, 250, tracking=True)
+    assert list_checkpoints(memory_url)[-1] == f"{memory_url}/ckpt-000000250.pt"
+    fs = fsspec.filesystem("memory")
+    root = memory_url.removeprefix("memory://")
+    assert fs.cat_file(f"{root}/mlflow_run_id").decode() == first.info["run_id"]  # beside the checkpoints
+    resumed = _fit(data, memory_url, 650, resume=True, force_resume=True, tracking=True)
+    assert resumed.info["steps"] == straight.info["steps"] == 650
+    _same(straight, resumed)
+    assert resumed.info["run_id"] == first.info["run_id"]  # the run goes on, found through the remote marker
+    assert [_name(p) for p in list_checkpoints(memory_url)] == ["ckpt-000000500.pt", "ckpt-000000600.pt",
+                                                                "ckpt-000000650.pt"]  # keep_checkpoints=3
+    assert not any(".tmp" in p for p in fs.ls(root, detail=False))
+    run = MlflowClient("sqlite:///mlflow.db").get_run(first.info["run_id"])
+    assert run.data.tags["svi.checkpoint_dir"] == memory_url  # where the checkpoints are, as given
+    # the finished fit's posterior is beside its checkpoints: running the job again trains nothing
+    assert fs.isfile(f"{root}/posterior/posterior.json")
+    written = fs.modified(f"{root}/ckpt-000000650.pt")
+    again = _fit(data, memory_url, 650, resume=True, force_resume=True)
+    assert fs.modified(f"{root}/ckpt-000000650.pt") == written  # no step, no new checkpoint
+    assert all(torch.equal(p, q) for p, q in zip(again.family.parameters(), resumed.family.parameters()))
+    assert again.info["steps"] == 650 and [tuple(h) for h in again.info["history"]] == resumed.info["history"]
+    assert [_name(p) for p in list_checkpoints(memory_url)][-1] == "ckpt-000000650.pt"
+
+
+def _name(path) -> str:
+    return str(path).rsplit("/", 1)[-1]
+
+
+def test_remote_checkpoints_are_atomic_kept_last_k_and_verified(memory_url, monkeypatch):
+    import fsspec
+
+    from svi.checkpoint import remove_stale_temporaries
+
+    fs, root = fsspec.filesystem("memory"), memory_url.removeprefix("memory://")
+    for step in range(1, 6):
+        save_checkpoint(memory_url, step * 10, {"s": torch.tensor(step)}, keep=2)
+    assert list_checkpoints(memory_url) == [f"{memory_url}/ckpt-000000040.pt", f"{memory_url}/ckpt-000000050.pt"]
+
+    def crash(tmp):
+        assert fs.size(tmp.removeprefix("memory://")) > 0 and not fs.exists(f"{root}/ckpt-000000060.pt")
+        raise KeyboardInterrupt("power cut")
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(memory_url, 60, {"s": torch.tensor(6)}, keep=2, before_replace=crash)
+    assert sorted(map(_name, fs.ls(root, detail=False))) == ["ckpt-000000040.pt", "ckpt-000000050.pt"]
+    path, state = latest_checkpoint(memory_url)
+    assert path == f"{memory_url}/ckpt-000000050.pt" and int(state["s"]) == 5
+    raw = fs.cat_file(f"{root}/ckpt-000000050.pt")
+    fs.pipe_file(f"{root}/ckpt-000000050.pt", raw[: len(raw) // 2])  # a torn upload under the final name
+    with pytest.warns(RuntimeWarning, match=r"ckpt-000000050\.pt is damaged.*resuming from ckpt-000000040\.pt"):
+        path, state = latest_checkpoint(memory_url)
+    assert int(state["s"]) == 4
+    # temporaries of killed writers: this machine's by their process, another machine's by their age
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    from svi.checkpoint import _host_tag
+
+    mine = f"{root}/.ckpt-000000070.pt.{_host_tag()}-{int(dead.stdout)}.1.tmp"
+    live = f"{root}/.ckpt-000000070.pt.{_host_tag()}-{os.getpid()}.1.tmp"
+    other = f"{root}/.ckpt-000000070.pt.othernode-{os.getpid()}.1.tmp"
+    for p in (mine, live, other):
+        fs.pipe_file(p, b"partial")
+    assert remove_stale_temporaries(memory_url) == [f"{memory_url}/{_name(mine)}"]
+    monkeypatch.setattr("svi.checkpoint.REMOTE_STALE_SECONDS", 0.0)
+    assert remove_stale_temporaries(memory_url) == [f"{memory_url}/{_name(other)}"]
+    assert fs.exists(live)
+
+
+def test_file_urls_take_the_local_path_and_unknown_protocols_name_the_option(tmp_path):
+    path = save_checkpoint(f"file://{tmp_path}/ck", 10, {"x": torch.ones(2)})
+    assert path == tmp_path / "ck" / "ckpt-000000010.pt"  # os.replace and fsync, as for a folder
+    assert latest_checkpoint(f"file://{tmp_path}/ck")[0] == path
+    with pytest.raises(svi.options.OptionsError, match=r"option checkpoint_dir='nosuch://bucket/ck' is not "
+                                                       r"allowed: unknown protocol 'nosuch'"):
+        _fit(_data(), "nosuch://bucket/ck", 10)
+    with pytest.raises(CheckpointError, match=r"cannot use 'nosuch://x' as a checkpoint folder: unknown protocol"):
+        save_checkpoint("nosuch://x", 1, {})

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -158,3 +159,28 @@ def test_the_shipped_hierarchical_configs_converge_and_cover_the_truth(config, t
             assert np.all(z < 3), (name, z[z >= 3])
         else:  # 1,000 group effects: a calibrated posterior puts ~0.27 % of them beyond 3 sd
             assert np.mean(z > 3) < 0.01 and z.max() < 4.5 and np.mean(z < 2) > 0.9, (name, np.sort(z)[-5:])
+
+
+def test_resume_a_checkpoint_folder_given_as_an_fsspec_url(tmp_path, monkeypatch, capsys):
+    import fsspec
+
+    from svi.cli import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    url = f"memory://svi-tests/{tmp_path.name}/ck"
+    job = [f"data.path={tmp_path}/data", "data.make.rows=4000", "data.make.files=2", "data.make.row_group_size=1000",
+           f"checkpoint.dir={url}", "checkpoint.every=100", f"output.posterior={tmp_path}/post", "max_steps=200",
+           "tracking.enabled=false"]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # 200 steps: "NOT converged" is expected
+            svi.fit_config(ROOT / "conf" / "quickstart.yaml", job)
+            assert fsspec.filesystem("memory").isfile(url.removeprefix("memory://") + "/job.yaml")
+            args = build_parser().parse_args(["resume", url, "max_steps=300", "force_resume=true"])
+            assert args.func(args) == 0
+        out = capsys.readouterr().out
+        assert f"resuming {url}: model svi.models:LogisticRegression from {url}/job.yaml" in out
+        assert [str(p).rsplit("/", 1)[-1] for p in list_checkpoints(url)][-1] == "ckpt-000000300.pt"
+        assert svi.load_posterior(tmp_path / "post").info["steps"] == 300
+    finally:
+        fsspec.filesystem("memory").rm(f"/svi-tests/{tmp_path.name}", recursive=True)

@@ -303,3 +303,17 @@ def test_a_spool_file_cannot_make_svi_upload_a_file_it_did_not_write(tmp_path):
     res = _run(["sync", str(folder)], tmp_path)
     assert res.returncode == 2 and "was not written by svi" in res.stderr and str(secret) in res.stderr
     assert not (tmp_path / "m.db").exists()  # refused before any store was opened
+
+
+def test_a_spooled_registration_cannot_upload_a_folder_svi_did_not_write(tmp_path):
+    from svi.tracking import TrackingError, read_spool, write_spool
+
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-home"
+    elsewhere.mkdir()
+    spool = tmp_path / "ck" / "unsent-mlflow-abc.jsonl"
+    mine = {"op": "register", "name": "m", "path": str(tmp_path / "ck" / "outputs" / "posterior")}
+    write_spool(spool, "abc", f"sqlite:///{tmp_path}/m.db", [mine])
+    assert read_spool(spool)[1] == [mine]  # the outputs beside the spool are svi's
+    write_spool(spool, "abc", f"sqlite:///{tmp_path}/m.db", [{**mine, "path": str(elsewhere)}])
+    with pytest.raises(TrackingError, match="asks to upload .*home.*was not written by svi"):
+        read_spool(spool)
