@@ -229,7 +229,8 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
             log.info("resumed from %s at step %d", path, state.step)
         if resume is None or getattr(tracker, "created", False):  # a new run: also on a resume into one
             tracker.log_params(_run_params(opts, model, space, fingerprints, num_rows, world))
-            tracker.set_tags({"svi.checkpoint_dir": _where(opts.checkpoint_dir)})
+            if opts.checkpoint_dir:  # an empty tag is a name with no value in the run page's tag list
+                tracker.set_tags({"svi.checkpoint_dir": _where(opts.checkpoint_dir)})
             local = local_folder(opts.checkpoint_dir)  # a remote job.yaml stays beside its checkpoints
             if local is not None and (local / JOB_FILE).is_file():  # lets `svi resume <run id>` rebuild the job elsewhere
                 tracker.log_artifact(str(local / JOB_FILE))
