@@ -322,9 +322,10 @@ class _Sender:
         except Exception as e:  # a lost server: keep the operation, keep training, try later
             if not self.lost:
                 self.lost = True
-                warnings.warn(f"svi: MLflow at {self.tracking_uri} did not accept {op['op']} ({type(e).__name__}); "
-                              "training goes on, everything is kept and sent when it answers", RuntimeWarning,
-                              stacklevel=2)
+                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                warnings.warn(f"svi: MLflow at {self.tracking_uri} did not accept {op['op']} ({type(e).__name__}"
+                              f"{': ' + reason if reason else ''}); training goes on, everything is kept and sent "
+                              "when it answers", RuntimeWarning, stacklevel=2)
                 self.gaps.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} lost ({type(e).__name__})")
             return False
         if self.lost:
