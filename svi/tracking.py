@@ -26,6 +26,7 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 __all__ = ["Tracker", "NullTracker", "MLflowTracker", "TrackingError", "RunNotFoundError", "flatten",
            "DEFAULT_TRACKING_URI", "apply_op", "read_spool", "write_spool", "sync", "fit_status_tags"]
@@ -416,7 +417,13 @@ def _log_and_register(client, run_id: str, op: dict, folder: Path) -> None:
         mlmodel.save(os.fspath(staged / "MLmodel"))
         client.log_model_artifacts(model.model_id, os.fspath(staged))
     client.finalize_logged_model(model.model_id, "READY")
-    source = f"models:/{model.model_id}"  # by source: the sqlite registry does not return a version's model_id
+    # A server resolves a "models:/<model_id>" source in its own store (the version page then links
+    # the logged model). A database store opened in this process resolves it through MLflow's
+    # process-wide default tracking URI instead (a TODO in MLflow's sqlalchemy registry), which
+    # need not be this store: registration failed whenever it was not (seen in the test suite). There
+    # the source is the logged model's storage location; the registry still shows its schema.
+    remote = urlsplit(str(client.tracking_uri)).scheme in ("http", "https", "databricks")
+    source = f"models:/{model.model_id}" if remote else model.artifact_location
     if not any(v.source == source for v in client.search_model_versions(f"name='{op['name']}'")):
         client.create_model_version(op["name"], source=source, run_id=run_id, model_id=model.model_id)
 

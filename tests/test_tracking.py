@@ -166,3 +166,25 @@ def test_a_resumed_run_sends_what_an_outage_spooled(tmp_path):
     assert [m.step for m in client.get_metric_history(first.run_id, "elbo")] == [100, 200, 300]
     assert [a.path for a in client.list_artifacts(first.run_id)] == ["out.txt"]
     assert client.get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_registration_does_not_depend_on_mlflows_default_store(tmp_path, monkeypatch):
+    """MLflow's sqlite registry looks a "models:/<id>" source up in the process-wide default store;
+    svi registers into its own store whatever that default is (here another sqlite file)."""
+    import mlflow
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/someone-elses.db")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 2))
+    frame = pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "y": x @ [1.0, -1.0] + 0.3 * rng.normal(size=500)})
+    store = f"sqlite:///{tmp_path}/svi.db"
+    post = svi.fit(svi.models.LinearRegression(2), frame, columns={"x": ["a", "b"], "y": "y"}, tracking=True,
+                   tracking_uri=store, register_model="m", max_steps=300, progress=False)
+    client = MlflowClient(store)
+    assert client.get_run(post.info["run_id"]).info.status == "FINISHED"
+    assert client.get_model_version("m", "1").run_id == post.info["run_id"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    inputs = mlflow.models.get_model_info("models:/m/1").signature.inputs.input_names()
+    assert inputs == ["a", "b"]
