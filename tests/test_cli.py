@@ -70,7 +70,7 @@ def test_every_example_config_runs_to_a_posterior(config, tmp_path, monkeypatch)
     }
     post = svi.fit_config(ROOT / "conf" / config, [
         f"data.path={tmp_path}/data", "data.make.rows=20000", "data.make.files=2", "data.make.row_group_size=4000",
-        f"checkpoint.dir={tmp_path}/ck", f"output.posterior={tmp_path}/post", "max_steps=3000",
+        f"checkpoint.dir={tmp_path}/ck", f"output.posterior={tmp_path}/post", "max_steps=1000",
         *smaller.get(config, [])])
     assert (tmp_path / "post" / "posterior.json").is_file()
     assert post.summary().shape[0] >= 2
