@@ -114,12 +114,8 @@ def laplace_warm_start(
     K = space.size
     large = K > hessian_max_dim
     batch = _subsample(batch, warm_start_rows(K, next(iter(batch.values())).shape[0], hessian_max_dim), seed)
-    batch = _to_float64(batch)
+    objective, batch, lik_scale = _objective(model, space, batch, num_rows)
     n = next(iter(batch.values())).shape[0]
-    lik_scale = num_rows / n
-
-    def objective(z):
-        return -_log_density(model, space, z.unsqueeze(0), batch, lik_scale)[0]
 
     # Above hessian_max_dim the SGD phase, not L-BFGS, does the last stretch: the frame needs a
     # point near the mode, not the mode itself.
@@ -173,19 +169,25 @@ def curvature(model: Model, space: ParamSpace, batch: Mapping[str, torch.Tensor]
     K = space.size
     if K > hessian_max_dim:
         return None
-    batch = {k: v.cpu() for k, v in _subsample(batch, warm_start_rows(K, next(iter(batch.values())).shape[0],
-                                                                      hessian_max_dim), seed).items()}
-    batch = _to_float64(batch)
-    n = next(iter(batch.values())).shape[0]
+    batch = _subsample(batch, warm_start_rows(K, next(iter(batch.values())).shape[0], hessian_max_dim), seed)
+    objective, _, _ = _objective(model, space, batch, num_rows)
     z = z.detach().to(torch.float64).cpu()
-
-    def objective(x):
-        return -_log_density(model, space, x.unsqueeze(0), batch, num_rows / n)[0]
-
     hess = _hessian(objective, z)
     if not bool(torch.isfinite(hess).all()):
         return None
     return hess, _gradient(objective, z)
+
+
+def _objective(model: Model, space: ParamSpace, batch: Mapping[str, torch.Tensor], num_rows: int):
+    """(the negative unconstrained log density at z (K,) on ``batch``, its likelihood scaled by N/n;
+    the rows as it reads them: float64 on the CPU; N/n)."""
+    batch = _to_float64({k: v.cpu() for k, v in batch.items()})
+    scale = num_rows / next(iter(batch.values())).shape[0]
+
+    def objective(z):
+        return -_log_density(model, space, z.unsqueeze(0), batch, scale)[0]
+
+    return objective, batch, scale
 
 
 def _hessian(objective, z: torch.Tensor) -> torch.Tensor:
@@ -280,10 +282,8 @@ def find_mode(model: Model, space: ParamSpace, batch: Mapping[str, torch.Tensor]
     (the last point of the path, whether L-BFGS converged). What a search that only needs a
     point (the centring of group effects) uses; it forms no Hessian. ``on_iteration`` is as in
     :func:`laplace_warm_start`."""
-    batch = _to_float64(batch)
-    n = next(iter(batch.values())).shape[0]
-    path, converged, _ = _lbfgs_path(
-        lambda z: -_log_density(model, space, z.unsqueeze(0), batch, num_rows / n)[0], start, max_iter, on_iteration)
+    objective, _, _ = _objective(model, space, batch, num_rows)
+    path, converged, _ = _lbfgs_path(objective, start, max_iter, on_iteration)
     return path[-1], converged
 
 
