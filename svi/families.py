@@ -181,6 +181,32 @@ class Family(nn.Module):
             self.frame_expansion = torch.zeros(0, dtype=self.frame_loc.dtype, device=self.frame_loc.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict``, then the loaded values are checked (a posterior file or a
+        checkpoint is data): every tensor finite, the frame's factors triangular with a positive
+        diagonal, the control variate's buffers of a shape it can use.
+
+        Raises:
+            RuntimeError: naming what is wrong; the caller reports the file.
+        """
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        problem = self._loaded_problem()
+        if problem:
+            raise RuntimeError(f"{self.name} family: {problem}")
+        return out
+
+    def _loaded_problem(self) -> str | None:
+        for name, t in [*self.named_parameters(), *self.named_buffers()]:
+            if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
+                return f"{name} is not finite"
+        K = self.size
+        shapes = {"frame_precision": [(0,), (K,), (K, K)], "frame_gradient": [(0,), (K,)],
+                  "frame_expansion": [(0,), (K,)]}
+        for name, allowed in shapes.items():
+            if tuple(getattr(self, name).shape) not in allowed:
+                return f"{name} has shape {tuple(getattr(self, name).shape)}; expected one of {allowed}"
+        return _triangular_problem("frame_scale", self.frame_scale)
+
     # --- interface -------------------------------------------------------------------
     def reset_parameters(self) -> None:
         raise NotImplementedError
@@ -229,6 +255,17 @@ class Family(nn.Module):
 
     def extra_repr(self) -> str:
         return f"K={self.size}"
+
+
+def _triangular_problem(name: str, factor: torch.Tensor) -> str | None:
+    """What keeps ``factor`` (a vector of sds, or (..., d, d) lower-triangular factors) from being a
+    Gaussian's scale: an entry above the diagonal, or a diagonal entry that is not positive."""
+    diag = factor if factor.dim() == 1 else torch.diagonal(factor, dim1=-2, dim2=-1)
+    if not bool((diag > 0).all()):
+        return f"{name} has a diagonal entry that is not positive"
+    if factor.dim() > 1 and bool((torch.triu(factor, 1) != 0).any()):
+        return f"{name} has entries above the diagonal (it must be lower-triangular)"
+    return None
 
 
 class MeanField(Family):
@@ -536,6 +573,11 @@ class Structured(Family):
         with torch.no_grad():
             for p in self.parameters():
                 p.zero_()
+
+    def _loaded_problem(self) -> str | None:
+        C_p, _, C_g = self._frame_factors()
+        return super()._loaded_problem() or _triangular_problem("frame_population", C_p) or next(
+            (p for k, C in enumerate(C_g) if (p := _triangular_problem(f"frame_group_{k}", C))), None)
 
     def _tril(self, raw, mask):
         # a mask product, not torch.tril: tril's kernel goes parallel even on 4 x 4 blocks, and with

@@ -317,3 +317,33 @@ def test_a_spooled_registration_cannot_upload_a_folder_svi_did_not_write(tmp_pat
     write_spool(spool, "abc", f"sqlite:///{tmp_path}/m.db", [{**mine, "path": str(elsewhere)}])
     with pytest.raises(TrackingError, match="asks to upload .*home.*was not written by svi"):
         read_spool(spool)
+
+
+def test_posterior_tensors_that_are_not_a_gaussian_are_refused(tmp_path):
+    """A posterior file's tensors are data: a NaN, a frame factor that is not lower-triangular, or a
+    control-variate buffer of a shape no fit writes would make draws or densities lie; each is
+    refused with the tensor named."""
+    from safetensors.torch import load_file, save_file
+
+    from svi.families import Structured
+    from svi.posterior import Posterior
+    from svi.transforms import ParamSpace
+
+    model = svi.models.HierarchicalLinearRegression(2, 3)
+    space = ParamSpace(model.get_params(), model.name)
+    fam = Structured(space.size, dtype=torch.float64, layout=space.group_layout())
+    a = torch.randn(space.size, space.size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fam.set_frame(torch.zeros(space.size, dtype=torch.float64), torch.linalg.cholesky(a @ a.T + torch.eye(space.size)))
+    folder = Posterior(model, space, fam, {}).save(tmp_path / "post")
+    assert load_posterior(folder).family.covariance().shape == (space.size, space.size)  # the file as written loads
+    tensor_file = next(Path(folder).glob("*.safetensors"))
+    good = load_file(str(tensor_file))
+    for key, change, message in [
+        ("loc", lambda t: t.index_fill(0, torch.tensor([0]), float("nan")), "loc is not finite"),
+        ("frame_population", lambda t: t + torch.triu(torch.ones_like(t), 1), "frame_population has entries above"),
+        ("frame_group_0", lambda t: -t, "frame_group_0 has a diagonal entry that is not positive"),
+        ("frame_expansion", lambda t: torch.zeros(3, dtype=t.dtype), "frame_expansion has shape"),
+    ]:
+        save_file({**good, key: change(good[key]).contiguous()}, str(tensor_file))
+        with pytest.raises(PosteriorFormatError, match=message):
+            load_posterior(folder)
