@@ -17,14 +17,15 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import torch
 
 from svi import distributed as dist
 from svi import progress
-from svi.checkpoint import (JOB_FILE, CheckpointError, atomic_write_text, is_file, join, latest_checkpoint,
+from svi.callbacks import Callback
+from svi.checkpoint import (JOB_FILE, PAYLOAD_FORMAT, CheckpointError, atomic_write_text, is_file, join, latest_checkpoint,
                             local_folder, read_text, remove_stale_temporaries, save_checkpoint)
 from svi.data.columns import DataError
 from svi.data.parquet import ParquetSource
@@ -35,8 +36,8 @@ from svi.model import Model, ModelError, check_model_outputs
 from svi.options import SAFE_TO_CHANGE, FitOptions
 from svi.posterior import Posterior, load_posterior
 from svi.tracking import MLflowTracker, NullTracker, RunNotFoundError, Tracker, fit_status_tags
-from svi.trainer import (FitContext, build_family, group_effect_advice, init_state, load_state_dict, search_stan_eta,
-                         state_dict, train)
+from svi.trainer import (FitContext, build_family, default_callbacks, group_effect_advice, init_state, load_state_dict,
+                         search_stan_eta, state_dict, train)
 from svi.transforms import ParamSpace
 
 __all__ = ["fit", "resolve_device", "default_batch_size", "fingerprint_of"]
@@ -75,6 +76,7 @@ def fit(
     tracker: Tracker | None = None,
     job_yaml: str | None = None,
     record: Mapping[str, Any] | None = None,
+    callbacks: Sequence[Callback] = (),
     **options: Any,
 ) -> Posterior:
     """Fit ``model`` to ``data`` by ADVI and return the posterior.
@@ -92,6 +94,9 @@ def fit(
             refused resume leaves the folder as it was.
         record: more JSON-able fit information for ``post.info`` (``svi fit`` records the job and
             its truth), in place before the posterior is saved or logged.
+        callbacks: more :class:`svi.callbacks.Callback` objects, told after every step (with the
+            step's ELBO estimate and the schedule's action) and once the returned q is final, after
+            the tracker's and the console's own.
         **options: any field of :class:`svi.options.FitOptions`.
     """
     began = time.perf_counter()
@@ -112,7 +117,8 @@ def fit(
                 if hasattr(model, "use_data_stats"):
                     model.use_data_stats(stats)
             record = {"data_path": _data_path(data), **(record or {})}
-            post = _fit(model, space, source, opts, dtype, device, tracker, world, columns, job_yaml, record, began)
+            post = _fit(model, space, source, opts, dtype, device, tracker, world, columns, job_yaml, record, began,
+                        callbacks)
             clean = True
             return post
         finally:
@@ -176,7 +182,7 @@ def _intra_op_threads(requested: int | None, source) -> int:
 
 
 def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, columns=None,
-         job_yaml=None, record=None, began: float | None = None) -> Posterior:
+         job_yaml=None, record=None, began: float | None = None, callbacks=()) -> Posterior:
     # An error that one rank finds before training stops every rank with the same message, instead
     # of leaving the others to die in their first collective (see dist.agreed).
     with dist.agreed(world):
@@ -235,7 +241,8 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
             if local is not None and (local / JOB_FILE).is_file():  # lets `svi resume <run id>` rebuild the job elsewhere
                 tracker.log_artifact(str(local / JOB_FILE))
         checkpoint = _checkpointer(opts, fingerprints, world, tracker, space)
-        result = train(ctx, state, stream, tracker, checkpoint)
+        result = train(ctx, state, stream, checkpoint=checkpoint,
+                       callbacks=default_callbacks(ctx, state, tracker) + list(callbacks))
         info = {
             "steps": result.steps, "converged": result.converged, "reason": result.reason,
             "stop_reason": result.stop_reason,
@@ -384,7 +391,7 @@ def _checkpointer(opts: FitOptions, fingerprints, world, tracker, space: ParamSp
         mine = {"rank": world.rank, "state": state_dict(state, stream)}
         ranks = dist.gather_object(mine, world)  # rank 0 gets every rank's cursor and RNG state
         if world.rank == 0:
-            payload = {"format": 1, "options": dataclasses.asdict(opts), "fingerprints": fingerprints,
+            payload = {"format": PAYLOAD_FORMAT, "options": dataclasses.asdict(opts), "fingerprints": fingerprints,
                        "world_size": world.world_size, "run_id": tracker.run_id,
                        # the store of run_id: a resume against another store can say where the run is
                        "tracking_uri": getattr(tracker, "tracking_uri", None),

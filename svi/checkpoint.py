@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["JOB_FILE", "CheckpointError", "atomic_write_text", "temporary_name", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint", "remove_stale_temporaries",
-           "CHECKPOINT_GLOB", "location_problem", "local_folder", "join", "is_file", "read_text"]
+           "CHECKPOINT_GLOB", "PAYLOAD_FORMAT", "upgrade_payload", "location_problem", "local_folder", "join", "is_file", "read_text"]
 
 MAGIC = b"SVICKPT1"
 JOB_FILE = "job.yaml"  # the job's config beside its checkpoints, so `svi resume <folder>` can rebuild it
@@ -280,9 +280,45 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is damaged (checksum mismatch: truncated or altered); "
                               "an earlier checkpoint in the same folder may still be valid")
     try:
-        return torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+        loaded = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
     except Exception as e:  # the checksum matched, so this is an incompatible content, not a torn write
         raise CheckpointError(f"checkpoint {path} could not be read: {e}") from None
+    return upgrade_payload(loaded, path)
+
+
+#: the layout of a fit's checkpoint payload (svi.api writes it): 2 keeps one entry per training
+#: component (family, optimizer, lr_scheduler, objective, schedule, ...); 1 kept their parts flat
+PAYLOAD_FORMAT = 2
+
+
+def upgrade_payload(payload: Any, path: str | os.PathLike = "") -> Any:
+    """A fit's payload of an earlier format in today's layout, so a fit checkpointed by an older
+    svi resumes; anything that is not a fit's payload is returned as it is.
+
+    Raises:
+        CheckpointError: a payload written by a newer svi.
+    """
+    if not isinstance(payload, dict) or "ranks" not in payload:
+        return payload
+    version = payload.get("format", 1)
+    if version > PAYLOAD_FORMAT:
+        raise CheckpointError(f"checkpoint {path} has payload format {version}; this svi reads formats 1 to "
+                              f"{PAYLOAD_FORMAT}: resume it with the svi that wrote it, or upgrade svi")
+    if version == 1:
+        payload = {**payload, "format": PAYLOAD_FORMAT,
+                   "ranks": [{**r, "state": _state_from_format_1(r["state"])} for r in payload["ranks"]]}
+    return payload
+
+
+def _state_from_format_1(old: dict) -> dict:
+    total, run, restores, window = old["nonfinite"]
+    schedule = {"window_elbos": old["window_elbos"], "window_cv": old["window_cv"], "history": old["history"],
+                "nonfinite": {"total": total, "run": run, "restores": restores, "window": window},
+                "rule": old["rule"], "averager": old["averager"]}
+    objective = {"stl": old["stl"], "cv_weights": old["cv_weights"], "anchor": old["anchor"]}
+    kept = ("step", "family", "optimizer", "generator", "last_good", "warm_start", "eta", "stream", "global_rng")
+    return {**{k: old[k] for k in kept}, "lr_scheduler": old["scheduler"], "objective": objective,
+            "schedule": schedule}
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:

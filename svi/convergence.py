@@ -128,6 +128,20 @@ class IterateAverager:
     def phase_average(self) -> list[torch.Tensor]:
         return [s / self.phase_count for s in self.phase_sum]
 
+    @torch.no_grad()
+    def load_phase_average(self) -> None:
+        """Set the parameters to this phase's average."""
+        for p, v in zip(self.params, self.phase_average()):
+            p.copy_(v)
+
+    def sums_for_compiled_step(self) -> list[torch.Tensor]:
+        """The window's sums, for a compiled step that adds each applied step's parameters inside
+        its graph; it reports each such step with :meth:`count_added`."""
+        return self.window_sum
+
+    def count_added(self) -> None:
+        self.window_count += 1
+
     def new_phase(self) -> None:
         for t in self.phase_sum:
             t.zero_()

@@ -26,8 +26,8 @@ NeurIPS 2017), unbiased, and of zero variance when q equals the posterior.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import torch
 
@@ -35,7 +35,7 @@ from svi.families import Family
 from svi.model import Model, ModelError
 from svi.transforms import ParamSpace
 
-__all__ = ["ElboEstimate", "ElboLoss", "DataAnchor", "elbo", "log_joint", "batch_size", "anchor_statistics",
+__all__ = ["ElboEstimate", "ElboLoss", "Objective", "DataAnchor", "elbo", "log_joint", "batch_size", "anchor_statistics",
            "log_predictive_density"]
 
 
@@ -266,3 +266,49 @@ class ElboLoss(torch.nn.Module):
                 cv_weights=(1.0, 1.0)) -> ElboEstimate:
         return elbo(self.model, self.space, self.family, batch, self.num_rows, eps=eps, stl=stl, antithetic=antithetic,
                     control_variate=control_variate, anchor=anchor, cv_weights=cv_weights)
+
+
+@dataclass
+class Objective:
+    """The fit's ELBO estimator, configured once (as Pyro's ELBO objects are): the model, the
+    particles and the variance reductions the options chose. What the schedule changes during
+    the fit (the switch to STL, the control variates' weights) and the data control variate's
+    anchor are its state, saved with a checkpoint.
+
+    Attributes:
+        model, space, num_rows, num_particles, antithetic, control_variate: as for :func:`elbo`.
+        stl: the sticking-the-landing gradient (the schedule may switch it on).
+        cv_weights: (quadratic, data) control-variate weights, re-estimated every window.
+        anchor: the data control variate's full-data statistics (``None``: off).
+    """
+
+    model: Model
+    space: ParamSpace
+    num_rows: int
+    num_particles: int = 1
+    antithetic: bool = False
+    control_variate: bool = False
+    stl: bool = False
+    cv_weights: tuple = (1.0, 1.0)
+    anchor: DataAnchor | None = field(default=None)
+
+    def __call__(self, family: Family, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None,
+                 eps: torch.Tensor | None = None) -> ElboEstimate:
+        return elbo(self.model, self.space, family, batch, self.num_rows, self.num_particles, generator, eps=eps,
+                    stl=self.stl, antithetic=self.antithetic, control_variate=self.control_variate,
+                    anchor=self.anchor, cv_weights=self.cv_weights)
+
+    def loss_module(self, family: Family) -> "ElboLoss":
+        """The estimator as a module over ``family``'s parameters (for ``torch.func``)."""
+        return ElboLoss(self.model, self.space, family, self.num_rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        a = self.anchor
+        return {"stl": self.stl, "cv_weights": list(self.cv_weights),
+                "anchor": None if a is None else {"z": a.z, "value": a.value, "grad": a.grad}}
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        self.stl = bool(saved["stl"])
+        self.cv_weights = tuple(saved["cv_weights"])
+        a = saved["anchor"]
+        self.anchor = None if a is None else DataAnchor(a["z"], a["value"], a["grad"])

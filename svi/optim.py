@@ -68,7 +68,7 @@ class StanStepSize(Optimizer):
         return loss
 
 
-# --- functional updates: one source for the optimiser classes and the fused step -------------
+# --- functional updates: one source for the optimiser classes and the compiled step -------------
 def optimizer_state(optimizer: Optimizer, kind: str, params: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
     """The optimiser's per-parameter state tensors as lists, created as torch creates them when
     missing, so a functional update can read and write them in place."""

@@ -1,16 +1,17 @@
 """The training loop.
 
-``train`` is one readable loop over ``step(ctx, state, batch) -> (state, info)``;
-set-up (warm start, eta search) and the convergence rules live in their own
-functions. All mutable state sits in :class:`TrainState`, whose parts each
-round-trip through ``state_dict()``.
+``train`` is one flat loop: a step (``step(ctx, state, batch) -> (state, info)``), the
+schedule's verdict on it (``state.schedule.observe(info) -> Action``, svi.schedule), the action
+applied (:func:`apply`), the callbacks told (svi.callbacks), and a checkpoint when one is due.
+Set-up (warm start, eta search) lives in its own functions. The state is a set of components,
+each owning its ``state_dict`` (the family, the optimiser, the objective, the schedule, the
+noise, the data stream), which a checkpoint saves one entry each.
 """
 
 from __future__ import annotations
 
 import collections
 import copy
-import dataclasses
 import logging
 import math
 import time
@@ -22,20 +23,22 @@ import torch
 
 from svi import distributed as dist
 from svi import progress
+from svi.callbacks import Callback, ConsoleReport, HeldoutScore, TrackerMetrics
 from svi.centering import choose_centering, describe as describe_centering
-from svi.convergence import Decision, IterateAverager, PosteriorConvergence, StanConvergence
-from svi.elbo import DataAnchor, ElboEstimate, ElboLoss, batch_size, elbo, log_predictive_density
+from svi.compiled import CompiledStep
+from svi.convergence import IterateAverager
+from svi.elbo import DataAnchor, ElboEstimate, Objective, batch_size, elbo, log_predictive_density
 from svi.families import Family, make_family
-from svi.fused import FusedStep
 from svi.model import Model, ModelError
 from svi.optim import StanStepSize, functional_kind, make_optimizer, make_scheduler, search_eta
 from svi.options import FitOptions
+from svi.schedule import GO_ON, Action, Schedule, make_schedule
 from svi.tracking import NullTracker, Tracker
 from svi.transforms import ParamSpace
 from svi.warmstart import curvature, find_mode, laplace_warm_start, warm_start_rows
 
 __all__ = ["FitContext", "TrainState", "StepInfo", "TrainResult", "NonFiniteError", "init_state", "step", "train",
-           "evaluate_elbo"]
+           "apply", "default_callbacks", "evaluate_elbo", "state_dict", "load_state_dict"]
 
 log = logging.getLogger("svi")
 
@@ -72,30 +75,25 @@ class FitContext:
 
 @dataclass
 class TrainState:
-    """Everything that changes during a fit."""
+    """Everything that changes during a fit, as components that each own their state_dict."""
 
     family: Family
     trainable: torch.nn.Module  # the family, or the family wrapped in DistributedDataParallel
     optimizer: torch.optim.Optimizer
-    scheduler: Any
-    generator: torch.Generator
-    rule: PosteriorConvergence | StanConvergence
-    averager: IterateAverager | None
+    lr_scheduler: Any  # a torch.optim.lr_scheduler, or None
+    generator: torch.Generator  # the draws' noise
+    objective: Objective  # the ELBO estimator, with its STL switch, control-variate weights and anchor
+    schedule: Schedule  # windows, stopping rule, iterate averages, non-finite guard, ELBO history
+    compiled: CompiledStep | None = None  # the compiled single-process step, when options.compile
     step: int = 0
-    stl: bool = False
-    nonfinite_total: int = 0
-    nonfinite_run: int = 0
-    restores: int = 0
-    window_nonfinite: int = 0
-    last_good: dict | None = None
+    last_good: dict | None = None  # family and optimizer at the last window without a non-finite step
     warm_start: str = ""
     eta: float | None = None
-    anchor: DataAnchor | None = None  # full-data statistics for the data control variate
-    history: list = field(default_factory=list)  # (step, ELBO) at each evaluation
-    window_elbos: list = field(default_factory=list)  # this window's per-step ELBO estimates
-    window_cv: list = field(default_factory=list)  # this window's (raw ELBO, cv_quadratic, cv_data)
-    cv_weights: tuple = (1.0, 1.0)
-    fused: FusedStep | None = None  # the compiled single-process step, when options.compile
+
+    @property
+    def averager(self) -> IterateAverager | None:
+        """The schedule's Polyak-Ruppert sums (None under Stan's rule or without averaging)."""
+        return self.schedule.averager
 
 
 @dataclass(frozen=True)
@@ -244,24 +242,21 @@ def init_state(ctx: FitContext, family: Family, warm_note: str = "", eta: float 
     o = ctx.options
     lr = eta if eta is not None else o.lr
     optimizer = make_optimizer(o.optimizer, family.parameters(), lr=lr, **o.optimizer_options)
-    scheduler = make_scheduler(optimizer, o.lr_schedule)
     generator = torch.Generator(device=ctx.device).manual_seed(_noise_seed(o.seed, ctx.rank))
-    if o.convergence == "posterior":
-        rule = PosteriorConvergence(o.tol_param, o.max_decays)
-    else:
-        rule = StanConvergence(o.tol_rel_obj, o.eval_elbo, o.max_steps)
-    averager = IterateAverager(list(family.parameters())) if o.averaging and o.convergence == "posterior" else None
-    fused = None
+    objective = Objective(ctx.model, ctx.space, ctx.num_rows, o.num_particles, o.antithetic, o.control_variate,
+                          stl=o.stl is True, anchor=anchor)
+    schedule = make_schedule(o, family, ctx.all_mean, lambda: evaluate_elbo(ctx, family, o.elbo_samples, generator))
+    compiled = None
     if o.compile:
         if trainable is not None or functional_kind(optimizer) is None:
             warnings.warn("svi: compile=true needs one process and an optimiser with a functional form (adam, sgd, "
                           "stan without extras); running the uncompiled step", RuntimeWarning, stacklevel=2)
         else:
-            fused = FusedStep(ElboLoss(ctx.model, ctx.space, family, ctx.num_rows), optimizer, compile=True)
+            compiled = CompiledStep(objective, family, optimizer, compile=True)
     return TrainState(
         family=family, trainable=trainable if trainable is not None else family, optimizer=optimizer,
-        scheduler=scheduler, generator=generator, rule=rule, averager=averager, stl=o.stl is True,
-        warm_start=warm_note, eta=eta, anchor=anchor, fused=fused,
+        lr_scheduler=make_scheduler(optimizer, o.lr_schedule), generator=generator, objective=objective,
+        schedule=schedule, compiled=compiled, warm_start=warm_note, eta=eta,
     )
 
 
@@ -324,19 +319,15 @@ def _finite(value: torch.Tensor, family: Family) -> bool:
 def step(ctx: FitContext, state: TrainState, batch: Mapping[str, torch.Tensor]) -> tuple[TrainState, StepInfo]:
     """One stochastic-gradient step on the negative ELBO; a non-finite step changes nothing.
     Applied steps are added to the iterate average."""
-    o = ctx.options
-    if state.fused is not None:
-        eps = state.family.draw_noise(o.num_particles, state.generator)
-        sums = state.averager.window_sum if state.averager is not None else []
-        weights = torch.tensor(state.cv_weights, dtype=eps.dtype)
-        est, grad_norm, ok = state.fused(batch, eps, weights, sums, state.anchor, state.stl,
-                                         o.antithetic, o.control_variate)
-        if ok and state.averager is not None:
-            state.averager.window_count += 1
+    averager = state.averager
+    if state.compiled is not None:
+        eps = state.family.draw_noise(ctx.options.num_particles, state.generator)
+        sums = averager.sums_for_compiled_step() if averager is not None else []
+        est, grad_norm, ok = state.compiled(batch, eps, sums)
+        if ok and averager is not None:
+            averager.count_added()
     else:
-        est = elbo(ctx.model, ctx.space, state.trainable, batch, ctx.num_rows, o.num_particles, state.generator,
-                   stl=state.stl, antithetic=o.antithetic, control_variate=o.control_variate, anchor=state.anchor,
-                   cv_weights=state.cv_weights)
+        est = state.objective(state.trainable, batch, state.generator)
         state.optimizer.zero_grad(set_to_none=True)
         (-est.value).backward()
         grads = [p.grad for p in state.family.parameters() if p.grad is not None]
@@ -346,140 +337,109 @@ def step(ctx: FitContext, state: TrainState, batch: Mapping[str, torch.Tensor]) 
         ok = bool(finite)  # the step's one host sync: the guard needs it
         if ok:
             state.optimizer.step()
-            if state.averager is not None:
-                state.averager.add()
+            if averager is not None:
+                averager.add()
         est = est.detach()
-    if ok and state.scheduler is not None:
-        state.scheduler.step()
+    if ok and state.lr_scheduler is not None:
+        state.lr_scheduler.step()
     state.step += 1
     return state, StepInfo(est, grad_norm.detach(), ok, batch_size(batch))
 
 
 # --- the loop ---------------------------------------------------------------------------------
-def control_variate_weights(samples: torch.Tensor) -> tuple[float, float]:
-    """Weights of the two control variates that minimise the variance of the ELBO estimate,
-    from one window of (raw estimate, cv_quadratic, cv_data): c = -Cov(h)^-1 Cov(h, f), each
-    clipped to [0, 1]. A zero-mean term keeps the estimator unbiased for any weight, and for a
-    Gaussian posterior the weight is exactly 1; where the warm start's expansion fits poorly the
-    weight falls and the control variate cannot add variance."""
-    f, h = samples[:, 0], samples[:, 1:]
-    weights = [0.0, 0.0]
-    live = [j for j in range(2) if float(h[:, j].var()) > 0]
-    if len(samples) < 8 or not live:
-        return (1.0, 1.0)
-    hc = h[:, live] - h[:, live].mean(0)
-    fc = f - f.mean()
-    sol = torch.linalg.lstsq(hc, -fc.unsqueeze(-1)).solution.squeeze(-1)
-    for j, c in zip(live, sol.tolist()):
-        weights[j] = min(max(c, 0.0), 1.0) if math.isfinite(c) else 0.0
-    return (weights[0], weights[1])
-
-
-def window_length(options: FitOptions, state: TrainState) -> int:
-    """Steps in the current window: ``eval_elbo`` under Stan's rule; under the posterior rule
-    ``window`` grown by 1/lr_decay per decay, so each window spans as many relaxation
-    times (about 1/lr steps) as the first."""
-    if isinstance(state.rule, StanConvergence):
-        return options.eval_elbo
-    return int(round(options.window * (1.0 / options.lr_decay) ** state.rule.decays))
-
-
 def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker | None = None,
-          checkpoint: Callable[[TrainState, Any, str | None], None] | None = None) -> TrainResult:
-    """Run steps until the convergence rule says stop or ``max_steps`` is reached.
+          checkpoint: Callable[[TrainState, Any, str | None], None] | None = None,
+          callbacks: list[Callback] | None = None) -> TrainResult:
+    """Run steps until the schedule says stop or ``max_steps`` is reached.
 
     Args:
+        tracker: where the default callbacks send metrics (ignored when ``callbacks`` are given).
         checkpoint: called as ``checkpoint(state, stream, None)`` every ``checkpoint_every`` steps
             and as ``checkpoint(state, stream, stop_reason)`` once at the end, so the last
             checkpoint says whether (and why) the fit finished.
+        callbacks: what reports the fit (default: :func:`default_callbacks`).
     """
     o = ctx.options
-    tracker = tracker or NullTracker()
+    callbacks = default_callbacks(ctx, state, tracker or NullTracker()) if callbacks is None else callbacks
     started = time.perf_counter()
-    if state.last_good is None:
-        state.last_good = _snapshot(state)
-    # no total: the stopping rule, not max_steps, decides when a fit ends, so a bar out of max_steps
-    # would stall at a small fraction with a meaningless ETA; the postfix shows the rule's distance
-    bar = progress.bar(o.progress, ctx.rank, initial=state.step, desc="fit", unit="step")
-    decision = Decision()
-    last_stats: dict = {}
-    rows = 0
-    t_log = time.perf_counter()
-    window_end = state.step + window_length(o, state) - len(state.window_elbos)
-    heldout: list = []
-
-    def score_heldout():
-        if ctx.heldout_batch is not None and ctx.rank == 0:
-            value = heldout_lpd(ctx, state.family)
-            heldout.append((state.step, time.perf_counter() - ctx.started, value))
-            tracker.log_metrics({"heldout_lpd": value}, state.step)
-
+    state.last_good = state.last_good or _snapshot(state)
+    state.schedule.start(state.step)
+    action = GO_ON
     while state.step < o.max_steps:
         state, info = step(ctx, state, next(stream))
-        rows += info.rows
-        state.window_elbos.append(info.elbo.value if info.ok else torch.tensor(math.nan))
-        if info.ok:
-            e = info.elbo
-            state.window_cv.append(torch.stack([e.raw, e.cv_quadratic, e.cv_data]))
-        if not info.ok:
-            _handle_nonfinite(ctx, state)
-        state.nonfinite_run = 0 if info.ok else state.nonfinite_run
-        if state.step % o.log_every == 0 or state.step == o.max_steps:
-            now = time.perf_counter()
-            metrics = _metrics(state, info, rows / max(now - t_log, 1e-9), ctx.space)
-            tracker.log_metrics(metrics, state.step)
-            if bar is not None:
-                bar.set_postfix_str(f"elbo {metrics['elbo']:.6g}  lr {metrics['lr']:.3g}  "
-                                         f"{_distance(decision, o)}rows/s {metrics['rows_per_s']:.3g}")
-            elif ctx.rank == 0 and o.progress is not False:
-                log.info("step %d (max %d)  elbo %.6g  lr %.3g  %srows/s %.3g", state.step, o.max_steps,
-                         metrics["elbo"], metrics["lr"], _distance(decision, o), metrics["rows_per_s"])
-            rows, t_log = 0, now
-        if bar is not None:
-            bar.update(1)
-        if state.step >= window_end:
-            values = ctx.all_mean(torch.stack(state.window_elbos).double()).tolist()
-            state.window_elbos = []
-            if state.window_cv:
-                state.cv_weights = control_variate_weights(ctx.all_mean(torch.stack(state.window_cv).double()))
-                state.window_cv = []
-            decision = _end_of_window(ctx, state, values)
-            _move_anchor(ctx, state)
-            _move_expansion(ctx, state)
-            tracker.log_metrics({"elbo_window_mean": state.history[-1][1], **decision.stats}, state.step)
-            if decision.stats:  # the last distance stays on show until the next phase ends
-                last_stats = decision.stats
-            decision = dataclasses.replace(decision, stats=last_stats)
-            window_end = state.step + window_length(o, state)
-            if decision.stop:
-                break
+        action = state.schedule.observe(info, state.step)
+        apply(ctx, state, action)
+        for callback in callbacks:
+            callback.after_step(state, info, action)
+        if action.stop:
+            break
         if checkpoint is not None and state.step % o.checkpoint_every == 0:
             checkpoint(state, stream, None)
-        if state.step % o.heldout_every == 0:
-            score_heldout()
-    if bar is not None:
-        bar.close()
-    if ctx.rank == 0 and o.progress is not False:
-        log.info("%s at step %d", "converged" if decision.converged else "stopped without converging", state.step)
-    converged = decision.converged
-    if converged:
-        stop_reason, reason = "converged", decision.reason
-    elif decision.stop:
-        stop_reason, reason = "max_decays", decision.reason
-    else:
-        stop_reason, reason = "max_steps", f"reached max_steps={o.max_steps} before the convergence rule was met"
+    stop_reason = action.stop_reason or "max_steps"
+    reason = action.reason if action.stop else f"reached max_steps={o.max_steps} before the convergence rule was met"
     if checkpoint is not None:  # before the average below: a resume continues the trajectory itself
         checkpoint(state, stream, stop_reason)
-    if not converged:
-        warnings.warn(f"svi: NOT converged: {reason}; the result may not be the optimum. {_what_to_try(stop_reason, ctx.space)}",
-                      RuntimeWarning, stacklevel=2)
+    if not action.converged:
+        warnings.warn(f"svi: NOT converged: {reason}; the result may not be the optimum. "
+                      f"{_what_to_try(stop_reason, ctx.space)}", RuntimeWarning, stacklevel=2)
         if state.averager is not None and state.averager.phase_count:
-            _load_params(state.family, state.averager.phase_average())
-    if heldout and heldout[-1][0] == state.step:  # the returned q (perhaps an average) replaces it
-        heldout.pop()
-    score_heldout()
-    return TrainResult(state.family, state.step, converged, reason, stop_reason, state.history, state.warm_start,
-                       state.eta, state.nonfinite_total, time.perf_counter() - started, heldout)
+            state.averager.load_phase_average()
+    for callback in callbacks:
+        callback.finish(state, action.converged)
+    heldout = next((c.scores for c in callbacks if isinstance(c, HeldoutScore)), [])
+    return TrainResult(state.family, state.step, action.converged, reason, stop_reason, state.schedule.history,
+                       state.warm_start, state.eta, state.schedule.nonfinite_total, time.perf_counter() - started,
+                       heldout)
+
+
+def default_callbacks(ctx: FitContext, state: TrainState, tracker: Tracker) -> list[Callback]:
+    """Metrics to ``tracker``, the console's bar or lines, and held-out scoring on rank 0."""
+    o = ctx.options
+    callbacks = [TrackerMetrics(tracker, o.log_every, o.max_steps, all(b.identity for b in ctx.space.blocks)),
+                 ConsoleReport(o.progress, ctx.rank, state.step, o.log_every, o.max_steps, o.tol_param)]
+    if ctx.heldout_batch is not None and ctx.rank == 0:
+        callbacks.append(HeldoutScore(lambda family: heldout_lpd(ctx, family), o.heldout_every, tracker,
+                                      ctx.started))
+    return callbacks
+
+
+def apply(ctx: FitContext, state: TrainState, action: Action) -> None:
+    """Carry out the schedule's action: a restore after non-finite steps, and at a window's end
+    the new good state, the step-size decay, the STL switch, the control variates' weights, and
+    moving the control variates' expansion points to where q now is."""
+    o = ctx.options
+    if action.give_up or action.restore:
+        blocks = _nonfinite_blocks(ctx, state)
+        if action.give_up:
+            s = state.schedule
+            raise NonFiniteError(
+                f"the ELBO or its gradient stayed non-finite for {s.nonfinite_run} steps after "
+                f"{s.restores} restores (each halving the step size); non-finite in: {blocks}. "
+                "Check the priors and the constraints of these parameters, the data, or lower lr.")
+        _restore(state, state.last_good)
+        _scale_lr(state, 0.5)
+        warnings.warn(f"svi: {o.nonfinite_patience} non-finite steps in a row (in {blocks}); restored the last good "
+                      "state and halved the step size", RuntimeWarning, stacklevel=3)
+    if not action.window_closed:
+        return
+    if action.clean:
+        state.last_good = _snapshot(state)
+    if action.decay != 1.0:
+        _scale_lr(state, action.decay)
+    if action.stl:
+        state.objective.stl = True
+    if action.cv_weights is not None:
+        state.objective.cv_weights = action.cv_weights
+    if action.diverging:
+        warnings.warn("svi: the relative ELBO change is large: the fit may be diverging; inspect the ELBO",
+                      RuntimeWarning, stacklevel=3)
+    _move_anchor(ctx, state)
+    _move_expansion(ctx, state)
+
+
+def _scale_lr(state: TrainState, factor: float) -> None:
+    for group in state.optimizer.param_groups:
+        group["lr"] *= factor
 
 
 def heldout_lpd(ctx: FitContext, family: Family) -> float:
@@ -503,45 +463,6 @@ def group_effect_advice(space: ParamSpace) -> str:
         return ""
     return ("; a multilevel model fits best with its group effects declared as such "
             "(svi.Param(loc=..., scale=...)), so svi chooses their centring from the data")
-
-
-def _end_of_window(ctx: FitContext, state: TrainState, window_elbos: list[float]) -> Decision:
-    o = ctx.options
-    if state.window_nonfinite == 0:
-        state.last_good = _snapshot(state)
-    state.window_nonfinite = 0
-    if isinstance(state.rule, StanConvergence):
-        value = evaluate_elbo(ctx, state.family, o.elbo_samples, state.generator)
-        state.history.append((state.step, value))
-        decision = state.rule.update(value)
-        if decision.diverging:
-            warnings.warn("svi: the relative ELBO change is large: the fit may be diverging; inspect the ELBO",
-                          RuntimeWarning, stacklevel=3)
-        return decision
-    finite = [e for e in window_elbos if math.isfinite(e)]
-    state.history.append((state.step, sum(finite) / len(finite) if finite else math.nan))
-    rule: PosteriorConvergence = state.rule
-    keep = rule.windows_in_phase >= 1  # the first window of a phase is burn-in
-    stalled = rule.window_stalled(window_elbos)
-    if state.averager is not None:
-        state.averager.close_window(keep)
-    if not stalled:
-        return Decision()
-    if state.averager is not None and state.averager.phase_count:
-        _load_params(state.family, state.averager.phase_average())  # continue from the average
-    decision = rule.phase_end(state.family.mean, state.family.stddev)
-    if decision.decay:
-        for group in state.optimizer.param_groups:
-            group["lr"] *= o.lr_decay
-        if o.stl == "auto" and not (o.control_variate and state.family.has_quadratic):
-            # Near the optimum STL lowers the variance; with the quadratic control variate the
-            # analytic entropy is already exact and STL would add the score term's noise back.
-            state.stl = True
-        if state.averager is not None:
-            state.averager.new_phase()
-    return decision
-
-
 #: q's mean this far from the data control variate's anchor (root mean square, in q's sds) moves it
 REANCHOR_DISTANCE = 1.0
 
@@ -557,14 +478,15 @@ def _move_anchor(ctx: FitContext, state: TrainState) -> None:
     low enough for the stall test to see the ELBO still rising (instead of decaying the step
     size on noise), and near the optimum the anchor stays put. Every rank decides alike: q is
     the same on all of them."""
-    if state.anchor is None or ctx.reanchor is None:
+    anchor = state.objective.anchor
+    if anchor is None or ctx.reanchor is None:
         return
     mean, sd = state.family.mean.detach(), state.family.stddev.detach()
-    distance = float(((mean - state.anchor.z.to(mean)) / sd).pow(2).mean().sqrt())
+    distance = float(((mean - anchor.z.to(mean)) / sd).pow(2).mean().sqrt())
     if not distance > REANCHOR_DISTANCE:
         return
     started = time.perf_counter()
-    state.anchor = ctx.reanchor(mean)
+    state.objective.anchor = ctx.reanchor(mean)
     if ctx.rank == 0:
         log.info("data control variate moved to q's mean (%.3g sd from its anchor) in %.1f s", distance,
                  time.perf_counter() - started)
@@ -614,35 +536,12 @@ def _move_expansion(ctx: FitContext, state: TrainState) -> None:
         if state.averager is not None:
             state.averager.new_phase()
         state.last_good = _snapshot(state)
-    if state.fused is not None:  # the compiled graphs read the old buffers' shapes
-        state.fused.reset()
+    if state.compiled is not None:  # the compiled graphs read the old buffers' shapes
+        state.compiled.reset()
     if ctx.rank == 0:
         log.info("step %d: quadratic control variate re-expanded at q's mean (%.3g sd from its expansion in the "
                  "worst coordinate) in %.1f s", state.step, distance,
                  time.perf_counter() - started)
-
-
-def _handle_nonfinite(ctx: FitContext, state: TrainState) -> None:
-    o = ctx.options
-    state.nonfinite_total += 1
-    state.nonfinite_run += 1
-    state.window_nonfinite += 1
-    if state.nonfinite_run < o.nonfinite_patience:
-        return  # skip the step; the next one draws new noise and a new batch
-    blocks = _nonfinite_blocks(ctx, state)
-    if state.restores >= o.max_nonfinite_restores:
-        raise NonFiniteError(
-            f"the ELBO or its gradient stayed non-finite for {state.nonfinite_run} steps after "
-            f"{state.restores} restores (each halving the step size); non-finite in: {blocks}. "
-            "Check the priors and the constraints of these parameters, the data, or lower lr."
-        )
-    _restore(state, state.last_good)
-    for group in state.optimizer.param_groups:
-        group["lr"] *= 0.5
-    state.restores += 1
-    state.nonfinite_run = 0
-    warnings.warn(f"svi: {o.nonfinite_patience} non-finite steps in a row (in {blocks}); restored the last good "
-                  "state and halved the step size", RuntimeWarning, stacklevel=3)
 
 
 @torch.no_grad()
@@ -683,55 +582,21 @@ def _restore(state: TrainState, snap: dict) -> None:
         g["lr"] = lr
 
 
-@torch.no_grad()
-def _load_params(family: Family, values: list[torch.Tensor]) -> None:
-    for p, v in zip(family.parameters(), values):
-        p.copy_(v)
-
-
-def _metrics(state: TrainState, info: StepInfo, rows_per_s: float, space: ParamSpace) -> dict[str, float]:
-    e = info.elbo
-    metrics = {
-        "elbo": float(e.value), "log_prior": float(e.log_prior), "log_likelihood": float(e.log_likelihood),
-        "log_det": float(e.log_det), "entropy": float(e.entropy), "grad_norm": float(info.grad_norm),
-        "lr": float(state.optimizer.param_groups[0]["lr"]), "rows_per_s": rows_per_s,
-        "nonfinite_steps": float(state.nonfinite_total),
-    }
-    if all(b.identity for b in space.blocks):  # no constrained parameter: log|det J| is 0, a chart of nothing
-        del metrics["log_det"]
-    return metrics
-
-
-def _distance(decision: Decision, o: FitOptions) -> str:
-    """The stopping rule's last distance to its tolerance, for the progress line."""
-    moved, rescaled = decision.stats.get("stop_mean_move_sd"), decision.stats.get("stop_sd_change")
-    if moved is None:
-        return ""
-    return f"means moved {moved:.2g} sd, sds {rescaled:.2g} (tol {o.tol_param:g})  "
-
-
 # --- the whole state, for checkpoints -------------------------------------------------------------
 def state_dict(state: TrainState, stream) -> dict:
-    """Everything a resume needs, as plain tensors and Python values (``weights_only``-safe)."""
+    """Everything a resume needs, one entry per component, as plain tensors and Python values
+    (``weights_only``-safe)."""
     return {
         "step": state.step,
         "family": state.family.state_dict(),
         "optimizer": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
-        "rule": state.rule.state_dict(),
-        "averager": state.averager.state_dict() if state.averager is not None else None,
-        "stl": state.stl,
-        "cv_weights": list(state.cv_weights),
-        "window_elbos": [float(v) for v in state.window_elbos],
-        "window_cv": [t.tolist() for t in state.window_cv],
-        "nonfinite": [state.nonfinite_total, state.nonfinite_run, state.restores, state.window_nonfinite],
+        "lr_scheduler": state.lr_scheduler.state_dict() if state.lr_scheduler is not None else None,
+        "objective": state.objective.state_dict(),
+        "schedule": state.schedule.state_dict(),
+        "generator": state.generator.get_state(),
         "last_good": state.last_good,
         "warm_start": state.warm_start,
         "eta": state.eta,
-        "anchor": None if state.anchor is None else {"z": state.anchor.z, "value": state.anchor.value,
-                                                     "grad": state.anchor.grad},
-        "history": [[int(s), float(v)] for s, v in state.history],
-        "generator": state.generator.get_state(),
         "stream": stream.state_dict(),
         "global_rng": _global_rng_state(),
     }
@@ -742,24 +607,13 @@ def load_state_dict(state: TrainState, saved: Mapping, stream) -> TrainState:
     state.step = int(saved["step"])
     state.family.load_state_dict(saved["family"])
     state.optimizer.load_state_dict(saved["optimizer"])
-    if state.scheduler is not None and saved["scheduler"] is not None:
-        state.scheduler.load_state_dict(saved["scheduler"])
-    state.rule.load_state_dict(saved["rule"])
-    if state.averager is not None and saved["averager"] is not None:
-        state.averager.load_state_dict(saved["averager"])
-    state.stl = bool(saved["stl"])
-    state.cv_weights = tuple(saved["cv_weights"])
-    dtype = state.family.frame_loc.dtype
-    state.window_elbos = [torch.tensor(v, dtype=dtype) for v in saved["window_elbos"]]
-    state.window_cv = [torch.tensor(v, dtype=dtype) for v in saved["window_cv"]]
-    state.nonfinite_total, state.nonfinite_run, state.restores, state.window_nonfinite = saved["nonfinite"]
-    state.last_good = saved["last_good"]
-    state.warm_start = saved["warm_start"]
-    state.eta = saved["eta"]
-    a = saved["anchor"]
-    state.anchor = None if a is None else DataAnchor(a["z"], a["value"], a["grad"])
-    state.history = [(int(s), float(v)) for s, v in saved["history"]]
+    if state.lr_scheduler is not None and saved["lr_scheduler"] is not None:
+        state.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    state.objective.load_state_dict(saved["objective"])
+    state.schedule.load_state_dict(saved["schedule"], state.family.frame_loc.dtype)
     state.generator.set_state(saved["generator"])
+    state.last_good = saved["last_good"]
+    state.warm_start, state.eta = saved["warm_start"], saved["eta"]
     stream.load_state_dict(saved["stream"])
     _set_global_rng_state(saved["global_rng"])
     return state

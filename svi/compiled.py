@@ -2,7 +2,7 @@
 optimiser's update written out-of-place (:mod:`svi.optim`), the non-finite guard as a
 ``torch.where``, and the iterate sums for averaging, all optionally compiled by
 ``torch.compile`` into one graph. It computes exactly what :func:`svi.trainer.step` computes
-with ``loss.backward()`` and ``optimizer.step()`` (tests/test_fused.py checks it step by
+with ``loss.backward()`` and ``optimizer.step()`` (tests/test_compiled.py checks it step by
 step), with a fraction of the per-step dispatch cost.
 """
 
@@ -13,25 +13,30 @@ from typing import Mapping
 import torch
 from torch.func import functional_call, grad
 
-from svi.elbo import DataAnchor, ElboEstimate, ElboLoss
+from svi.elbo import ElboEstimate, Objective
+from svi.families import Family
 from svi.optim import FUNCTIONAL_UPDATES, functional_kind, optimizer_state
 
-__all__ = ["FusedStep"]
+__all__ = ["CompiledStep"]
 
 
-class FusedStep:
-    """One optimisation step of ``loss.family`` under ``optimizer`` as a single function call.
+class CompiledStep:
+    """One optimisation step of ``family`` under ``optimizer`` as a single function call.
 
     Args:
-        loss: the ELBO module whose ``family`` is optimised.
+        objective: the fit's ELBO estimator; its settings (STL, the control variates and their
+            weights, the anchor) are read at every call.
+        family: q, whose parameters ``optimizer`` updates.
         optimizer: an optimiser :func:`svi.optim.functional_kind` can reproduce (Adam, SGD, Stan's).
-        compile: compile the step with ``torch.compile``.
+        compile: compile the step with ``torch.compile`` (else the same function runs eagerly).
     """
 
-    def __init__(self, loss: ElboLoss, optimizer: torch.optim.Optimizer, compile: bool = True):
+    def __init__(self, objective: Objective, family: Family, optimizer: torch.optim.Optimizer, compile: bool = True):
         self.kind = functional_kind(optimizer)
         if self.kind is None:
             raise ValueError(f"no functional form of {type(optimizer).__name__} with these options")
+        self.objective = objective
+        loss = objective.loss_module(family)
         self.loss = loss
         self.optimizer = optimizer
         self.names = [n for n, _ in loss.named_parameters()]  # "family.loc", ...: keys of functional_call
@@ -94,10 +99,13 @@ class FusedStep:
                 s.add_(torch.where(ok, p, torch.zeros_like(p)))
         return parts, grad_norm.detach(), ok
 
-    def __call__(self, batch: Mapping[str, torch.Tensor], eps: torch.Tensor, cv_weights: torch.Tensor,
-                 sums: list[torch.Tensor], anchor: DataAnchor | None, stl: bool, antithetic: bool,
-                 control_variate: bool) -> tuple[ElboEstimate, torch.Tensor, bool]:
-        """One step; returns (detached estimate, gradient norm, whether the step was applied)."""
+    def __call__(self, batch: Mapping[str, torch.Tensor], eps: torch.Tensor,
+                 sums: list[torch.Tensor]) -> tuple[ElboEstimate, torch.Tensor, bool]:
+        """One step on the noise ``eps``, adding the new parameters to ``sums`` when applied;
+        returns (detached estimate, gradient norm, whether the step was applied)."""
+        o = self.objective
+        stl, antithetic, control_variate, anchor = o.stl, o.antithetic, o.control_variate, o.anchor
+        cv_weights = torch.tensor(o.cv_weights, dtype=eps.dtype)
         lrs = tuple(g["lr"] for g in self.groups)
         if self._state_cache is None or self._state_cache[0] != lrs or self._state_cache[1] is not self.optimizer.state:
             # step-size decays change the group's float (the graph reads a tensor); a restore

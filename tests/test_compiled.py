@@ -1,4 +1,4 @@
-"""The fused (functional, optionally compiled) step computes exactly what the module step
+"""The compiled step (functional, optionally compiled by torch.compile) computes exactly what the module step
 computes with loss.backward() and optimizer.step()."""
 
 import copy
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from svi.data.memory import InMemoryData
-from svi.elbo import ElboLoss, anchor_statistics
-from svi.fused import FusedStep
+from svi.compiled import CompiledStep
+from svi.elbo import anchor_statistics
 from svi.models import LogisticRegression
 from svi.options import FitOptions
 from svi.trainer import FitContext, build_family, init_state, step
@@ -31,13 +31,12 @@ def _setup(family, optimizer, dtype, **opts):
     return ctx, data, fam, anchor
 
 
-def _run(ctx, data, fam, anchor, fused: str, steps=25):
+def _run(ctx, data, fam, anchor, path: str, steps=25):
     fam = copy.deepcopy(fam)
     state = init_state(ctx, fam, anchor=anchor)
-    state.cv_weights = (0.7, 0.9)  # any weights: both paths must use them alike
-    if fused != "module":
-        state.fused = FusedStep(ElboLoss(ctx.model, ctx.space, fam, ctx.num_rows), state.optimizer,
-                                compile=fused == "compiled")
+    state.objective.cv_weights = (0.7, 0.9)  # any weights: both paths must use them alike
+    if path != "module":
+        state.compiled = CompiledStep(state.objective, fam, state.optimizer, compile=path == "compiled")
     stream = data.stream(64, seed=3)
     values = []
     for _ in range(steps):
@@ -48,7 +47,7 @@ def _run(ctx, data, fam, anchor, fused: str, steps=25):
 
 @pytest.mark.parametrize("family", ["meanfield", "fullrank", "lowrank"])
 @pytest.mark.parametrize("optimizer", ["adam", "sgd", "stan"])
-def test_fused_step_equals_the_module_step(family, optimizer):
+def test_functional_step_equals_the_module_step(family, optimizer):
     ctx, data, fam, anchor = _setup(family, optimizer, torch.float64)
     a, va = _run(ctx, data, fam, anchor, "module")
     b, vb = _run(ctx, data, fam, anchor, "eager")
@@ -73,10 +72,10 @@ def test_compiled_step_matches_the_module_step():
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_step_leaves_everything_untouched_on_a_non_finite_step():
+def test_functional_step_leaves_everything_untouched_on_a_non_finite_step():
     ctx, data, fam, anchor = _setup("meanfield", "adam", torch.float64)
     state = init_state(ctx, copy.deepcopy(fam))
-    state.fused = FusedStep(ElboLoss(ctx.model, ctx.space, state.family, ctx.num_rows), state.optimizer, compile=False)
+    state.compiled = CompiledStep(state.objective, state.family, state.optimizer, compile=False)
     batch = next(data.stream(64, seed=0))
     before = [p.detach().clone() for p in state.family.parameters()]
     bad = dict(batch, y=batch["y"] * float("nan"))
