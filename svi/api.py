@@ -18,15 +18,14 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
-from urllib.parse import urlsplit
 
 import torch
 
 from svi import distributed as dist
 from svi import progress
 from svi.callbacks import Callback
-from svi.checkpoint import (JOB_FILE, PAYLOAD_FORMAT, CheckpointError, atomic_write_text, is_file, join, latest_checkpoint,
-                            local_folder, read_text, remove_stale_temporaries, save_checkpoint)
+from svi.checkpoint import (JOB_FILE, PAYLOAD_FORMAT, atomic_write_text, check_compatible, find_resume, is_file, join,
+                            local_folder, save_checkpoint)
 from svi.data.columns import DataError
 from svi.data.parquet import ParquetSource
 from svi.data.source import open_source, raise_if_unknown, standardize
@@ -35,8 +34,8 @@ from svi.families import resolve_family
 from svi.model import Model, ModelError, check_model_outputs
 from svi.options import SAFE_TO_CHANGE, FitOptions
 from svi.posterior import Posterior, load_posterior
-from svi.tracking import MLflowTracker, NullTracker, RunNotFoundError, Tracker, fit_status_tags
-from svi.trainer import (FitContext, build_family, default_callbacks, group_effect_advice, init_state, load_state_dict,
+from svi.tracking import MLflowTracker, Tracker, fit_status_tags, log_fit_start, tracker_for_fit
+from svi.trainer import (FitContext, TrainState, build_family, default_callbacks, group_effect_advice, init_state, load_state_dict,
                          search_stan_eta, state_dict, train)
 from svi.transforms import ParamSpace
 
@@ -163,14 +162,6 @@ def _data_path(data) -> str | None:
     return text if "://" in text else os.path.abspath(text)
 
 
-def _where(checkpoint_dir: str | None) -> str:
-    """The checkpoint folder as a run tag: an absolute local path, a URL as given, or ""."""
-    if not checkpoint_dir:
-        return ""
-    local = local_folder(checkpoint_dir)
-    return os.path.abspath(local) if local is not None else checkpoint_dir
-
-
 def _intra_op_threads(requested: int | None, source) -> int:
     """torch's threads for the fit: as requested, else the current setting less one core for the
     reading threads while Parquet is streamed locally (see FitOptions.threads)."""
@@ -190,7 +181,14 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
         check_model(model, space, {k: v[: min(3, num_rows)] for k, v in source.sample(3, opts.seed).items()}, dtype)
         batch = min(opts.batch_size or default_batch_size(num_rows), num_rows)
         fingerprints = fingerprint_of(model, source.fingerprint())
-        ctx = FitContext(
+        resume = find_resume(opts.checkpoint_dir, opts.resume, clean=world.rank == 0)
+        if resume is not None:
+            check_compatible(resume, opts.as_dict(), FitOptions().as_dict(), SAFE_TO_CHANGE, fingerprints,
+                             world.world_size)
+        done = _finished_posterior(model, opts, resume) if resume is not None else None
+        # only now the samples: a refused or finished resume reads no rows (a resumed fit still
+        # reads the warm-start rows: a re-expansion of the control variate forms its Hessian there)
+        ctx = None if done is not None else FitContext(
             model=model, space=space, options=opts, num_rows=num_rows, dtype=dtype, device=device,
             eval_batch=_to(source.sample(opts.eval_rows, opts.seed + 11), device),
             warm_batch=source.sample(opts.warm_start_rows, opts.seed + 13) if opts.warm_start != "none" else None,
@@ -200,46 +198,18 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
                 model, space, z, _full_pass(source, opts, world, leave),
                 reduce_sum=lambda t: dist.all_sum(t, world)),
         )
-        resume = _find_checkpoint(opts, world)
-        if resume is not None:
-            _check_compatible(resume[1], opts, fingerprints, world.world_size, resume[0])
-        done = _finished_posterior(model, opts, resume) if resume is not None else None
     if done is not None:  # a finished fit run again: nothing to do, no new steps, no new MLflow run
         return done
     with dist.agreed(world):  # a round of its own: a peer's failed check never leaves rank 0's new run open
-        tracker = tracker or _make_tracker(opts, world, resume)
+        tracker = tracker or tracker_for_fit(opts, world.rank, resume)
     if job_yaml and opts.checkpoint_dir and world.rank == 0:  # only now: a refused resume writes nothing
         atomic_write_text(join(opts.checkpoint_dir, JOB_FILE), job_yaml)
     stream = _stream(source, batch, opts.seed, device, opts, world)
     try:
-        if resume is None:
-            fam, note, warm = build_family(ctx)
-            log.info("%s", note)
-            eta = None
-            if opts.lr == "auto":
-                eta = search_stan_eta(ctx, fam, _stream(source, batch, opts.seed + 17, device, opts, world))
-            anchor = None
-            if warm and opts.control_variate and batch * world.world_size < num_rows:
-                started = time.perf_counter()
-                anchor = ctx.reanchor(fam.frame_loc, leave=True)  # a phase of its own: its bar stays
-                if not progress.shown(opts.progress, world.rank):
-                    log.info("full-data pass for the control variate: %s rows in %.1f s", f"{num_rows:,}",
-                             time.perf_counter() - started)
-            state = init_state(ctx, fam, note, eta, trainable=dist.wrap(fam, world), anchor=anchor)
-        else:
-            path, saved = resume
-            fam = _family_like(saved, ctx)
-            state = init_state(ctx, fam, saved["ranks"][0]["state"]["warm_start"], saved["ranks"][0]["state"]["eta"],
-                               trainable=dist.wrap(fam, world))
-            load_state_dict(state, saved["ranks"][world.rank]["state"], stream)
-            log.info("resumed from %s at step %d", path, state.step)
+        state = _start_state(ctx, source, batch, stream, resume)
         if resume is None or getattr(tracker, "created", False):  # a new run: also on a resume into one
-            tracker.log_params(_run_params(opts, model, space, fingerprints, num_rows, world))
-            if opts.checkpoint_dir:  # an empty tag is a name with no value in the run page's tag list
-                tracker.set_tags({"svi.checkpoint_dir": _where(opts.checkpoint_dir)})
-            local = local_folder(opts.checkpoint_dir)  # a remote job.yaml stays beside its checkpoints
-            if local is not None and (local / JOB_FILE).is_file():  # lets `svi resume <run id>` rebuild the job elsewhere
-                tracker.log_artifact(str(local / JOB_FILE))
+            log_fit_start(tracker, opts, model, space, fingerprints, num_rows, world.world_size,
+                          resolve_family(opts.family, space.group_layout()))
         checkpoint = _checkpointer(opts, fingerprints, world, tracker, space)
         result = train(ctx, state, stream, checkpoint=checkpoint,
                        callbacks=default_callbacks(ctx, state, tracker) + list(callbacks))
@@ -266,6 +236,44 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
     except BaseException:
         tracker.finish("FAILED" if world.rank == 0 else "FINISHED")
         raise
+
+
+def _start_state(ctx: FitContext, source, batch: int, stream, resume) -> TrainState:
+    """The state a fit starts from, fresh or resumed along one path: the family (from the warm
+    start, or rebuilt from the checkpoint), then the state around it, then, on a resume, the
+    checkpoint's state loaded into it."""
+    world = ctx.world
+    if resume is None:
+        family, note, eta, anchor = _fresh_start(ctx, source, batch)
+    else:
+        saved = resume[1]
+        first = saved["ranks"][0]["state"]
+        family, note, eta, anchor = _family_like(saved, ctx), first["warm_start"], first["eta"], None
+    state = init_state(ctx, family, note, eta, trainable=dist.wrap(family, world), anchor=anchor)
+    if resume is not None:
+        load_state_dict(state, resume[1]["ranks"][world.rank]["state"], stream)
+        log.info("resumed from %s at step %d", resume[0], state.step)
+    return state
+
+
+def _fresh_start(ctx: FitContext, source, batch: int):
+    """(family, warm-start note, Stan's eta or None, the data control variate's anchor or None)
+    for a fit that starts anew: the warm start, Stan's eta search when ``lr="auto"``, and the
+    control variate's full-data pass when batches subsample the data."""
+    world, opts = ctx.world, ctx.options
+    family, note, warm = build_family(ctx)
+    log.info("%s", note)
+    eta = None
+    if opts.lr == "auto":
+        eta = search_stan_eta(ctx, family, _stream(source, batch, opts.seed + 17, ctx.device, opts, world))
+    anchor = None
+    if warm and opts.control_variate and batch * world.world_size < ctx.num_rows:
+        started = time.perf_counter()
+        anchor = ctx.reanchor(family.frame_loc, leave=True)  # a phase of its own: its bar stays
+        if not progress.shown(opts.progress, world.rank):
+            log.info("full-data pass for the control variate: %s rows in %.1f s", f"{ctx.num_rows:,}",
+                     time.perf_counter() - started)
+    return family, note, eta, anchor
 
 
 # --- pieces --------------------------------------------------------------------------------------
@@ -307,47 +315,6 @@ def _stream(source, batch_size, seed, device, opts, world):
 
 def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def _find_checkpoint(opts: FitOptions, world):
-    if opts.checkpoint_dir and world.rank == 0:
-        for p in remove_stale_temporaries(opts.checkpoint_dir):
-            log.info("removed %s, left by a process that was killed while writing it", p)
-    if opts.resume is False:
-        return None
-    found = latest_checkpoint(opts.checkpoint_dir)
-    if found is None and opts.resume is True:
-        raise CheckpointError(f"resume=true but {opts.checkpoint_dir} holds no checkpoint; use resume=auto to start "
-                              "fresh when there is none")
-    return found
-
-
-def _check_compatible(saved: Mapping, opts: FitOptions, fingerprints: Mapping, world_size: int, path) -> None:
-    """Refuse a checkpoint from another model, data set, world size or option set."""
-    problems = []
-    for what in ("model", "data"):
-        if saved["fingerprints"][what] != fingerprints[what]:
-            problems.append(f"the {what} differs (fingerprint {saved['fingerprints'][what]} vs {fingerprints[what]})")
-    if saved["world_size"] != world_size:
-        problems.append(f"world size {saved['world_size']} vs {world_size}: resume with the same number of processes")
-    new = dataclasses.asdict(opts)
-    # an option added after the checkpoint was written counts as its default there
-    old = {**{k: v for k, v in dataclasses.asdict(FitOptions()).items() if k not in saved["options"]},
-           **saved["options"]}
-    # these always differ on a resume; missing_run and tracking_wait only say what to do if the
-    # tracking store is gone, so they are neither compared nor required of older checkpoints
-    how_to_resume = {"resume", "force_resume", "checkpoint_dir", "missing_run", "tracking_wait"}
-    differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in how_to_resume)
-    unsafe = [k for k in differing if k not in SAFE_TO_CHANGE]
-    if unsafe:
-        problems.append("options differ: " + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in unsafe)
-                        + " (these change the fit itself: start a new fit with resume=false, or use another "
-                          "checkpoint folder)")
-    elif differing and not opts.force_resume:
-        problems.append("options differ: " + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differing)
-                        + " (safe to change: pass force_resume=true to accept)")
-    if problems:
-        raise CheckpointError(f"cannot resume from {path}: " + "; ".join(problems))
 
 
 FINISHED_POSTERIOR = "posterior"  # beside the checkpoints: the posterior of the fit that wrote them
@@ -405,74 +372,6 @@ def _checkpointer(opts: FitOptions, fingerprints, world, tracker, space: ParamSp
         dist.barrier(world)  # no rank runs past a checkpoint before it is on disk
 
     return checkpoint
-
-
-RUN_ID_FILE = "mlflow_run_id"
-
-
-def _make_tracker(opts: FitOptions, world, resume) -> Tracker:
-    """MLflow on rank 0. A fit that resumes (or restarts under torchrun before its first
-    checkpoint) continues the run recorded beside its checkpoints.
-
-    When the store does not hold that run (a new tracking URI, a deleted ``mlflow.db``), the fit
-    says so in one line and continues in a new run there, tagged with the old run, its store and
-    the step it resumes from; with ``missing_run="error"`` it raises :class:`RunNotFoundError`.
-    """
-    if not opts.tracking or world.rank != 0:
-        return NullTracker()
-    run_id = resume[1].get("run_id") if resume is not None else None
-    marker = join(opts.checkpoint_dir, RUN_ID_FILE) if opts.checkpoint_dir else None
-    if run_id is None and marker is not None and opts.resume is not False and is_file(marker):
-        run_id = read_text(marker).strip() or None
-    # the spool lists local files to upload, so it stays on this machine: beside local checkpoints,
-    # else in the working folder (as for a fit without checkpoints)
-    local = local_folder(opts.checkpoint_dir)
-    kw = dict(system_metrics=opts.system_metrics, spool_dir=local, hold_metrics=bool(opts.checkpoint_dir),
-              finish_wait=opts.tracking_wait)
-    try:
-        tracker = MLflowTracker(opts.tracking_uri, opts.experiment, opts.run_name, run_id=run_id, **kw)
-    except RunNotFoundError as e:
-        # checkpoints written before the store was recorded do not say where the run is
-        old_store = resume[1].get("tracking_uri") if resume is not None else None
-        source = f"checkpoint {resume[0]}" if resume is not None else f"{marker}"
-        if opts.missing_run == "error":
-            where = f" (in {old_store!r})" if old_store else ""
-            back = (f", or set tracking_uri to {old_store!r} to continue it there"
-                    if old_store and old_store != e.tracking_uri else "")
-            raise RunNotFoundError(f"{e}; {source} belongs to it{where}. Set missing_run='new' "
-                                   f"(tracking.missing_run=new in a job config) to continue in a new run in this "
-                                   f"store{back}", run_id, e.tracking_uri) from None
-        step = int(resume[1]["ranks"][0]["state"]["step"]) if resume is not None else 0
-        tracker = MLflowTracker(opts.tracking_uri, opts.experiment, opts.run_name, **kw)
-        password = urlsplit(old_store).password if old_store else None  # a tag is no place for a database password
-        tracker.set_tags({"svi.resumed_from_run": run_id, "svi.resumed_from_step": str(step),
-                          "svi.resumed_from_store": (old_store.replace(password, "***") if password else old_store)
-                          or "unknown"})
-        log.warning("%s (%s names it); continuing from step %d in a new run %s there, tagged "
-                    "svi.resumed_from_run", e, source, step, tracker.run_id)
-    if not tracker.created and opts.checkpoint_dir:  # the same run goes on: send what an outage left unsent
-        sent = tracker.adopt_spool(local)
-        if sent:
-            log.info("sending %d tracking operations that an earlier tracking outage left in %s", sent,
-                     local or os.getcwd())
-    if marker is not None:
-        atomic_write_text(marker, tracker.run_id)
-    return tracker
-
-
-def _run_params(opts, model, space, fingerprints, num_rows, world) -> dict:
-    import dask
-
-    import svi
-
-    return {
-        "options": dataclasses.asdict(opts),
-        "model": {"class": model.spec()["class"], "params": {b.name: f"{list(b.shape)} {b.constraint!r}"
-                                                             for b in space.blocks}},
-        "fingerprint": fingerprints, "num_rows": num_rows, "world_size": world.world_size,
-        "family": resolve_family(opts.family, space.group_layout()),
-        "versions": {"svi": svi.__version__, "torch": torch.__version__, "dask": dask.__version__},
-    }
 
 
 _KHAT_ROW_BUDGET = 50_000_000  # rows x parameters of the end-of-fit k-hat (~10 s on 2 cores)

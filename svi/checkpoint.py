@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import re
 import time
@@ -26,7 +27,9 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["JOB_FILE", "CheckpointError", "atomic_write_text", "temporary_name", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint", "remove_stale_temporaries",
-           "CHECKPOINT_GLOB", "PAYLOAD_FORMAT", "upgrade_payload", "location_problem", "local_folder", "join", "is_file", "read_text"]
+           "CHECKPOINT_GLOB", "PAYLOAD_FORMAT", "find_resume", "check_compatible", "HOW_TO_RESUME", "upgrade_payload", "location_problem", "local_folder", "join", "is_file", "read_text"]
+
+log = logging.getLogger("svi")
 
 MAGIC = b"SVICKPT1"
 JOB_FILE = "job.yaml"  # the job's config beside its checkpoints, so `svi resume <folder>` can rebuild it
@@ -411,3 +414,68 @@ def latest_checkpoint(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]] 
     if errors:
         raise CheckpointError("no valid checkpoint in " + os.fspath(folder) + ": " + "; ".join(errors))
     return None
+
+
+def find_resume(folder: str | os.PathLike | None, resume: bool | str, clean: bool = True):
+    """The checkpoint a fit resumes from: (path, payload), or None for a fresh fit.
+
+    Args:
+        folder: the fit's checkpoint folder (``None``: no checkpoints).
+        resume: ``True`` (a checkpoint must exist), ``"auto"`` (when one exists) or ``False``.
+        clean: remove the temporaries of killed writers first (one process of a fit does it).
+
+    Raises:
+        CheckpointError: ``resume=True`` and no checkpoint in ``folder``.
+    """
+    if folder and clean:
+        for p in remove_stale_temporaries(folder):
+            log.info("removed %s, left by a process that was killed while writing it", p)
+    if resume is False:
+        return None
+    found = latest_checkpoint(folder)
+    if found is None and resume is True:
+        raise CheckpointError(f"resume=true but {folder} holds no checkpoint; use resume=auto to start "
+                              "fresh when there is none")
+    return found
+
+
+#: options that always differ on a resume (where and how to resume); missing_run and tracking_wait
+#: only say what to do if the tracking store is gone, so they are neither compared nor required
+#: of older checkpoints
+HOW_TO_RESUME = frozenset({"resume", "force_resume", "checkpoint_dir", "missing_run", "tracking_wait"})
+
+
+def check_compatible(found: tuple, options: dict, defaults: dict, safe_to_change: frozenset,
+                     fingerprints: dict, world_size: int) -> None:
+    """Refuse a checkpoint from another model, data set, world size or option set.
+
+    Args:
+        found: (path, payload) from :func:`find_resume`.
+        options: this fit's options as a dict; ``defaults`` stand in for options the checkpoint
+            predates.
+        safe_to_change: options that may differ with ``force_resume`` (they change how long the
+            fit runs or what it reports, not its trajectory).
+
+    Raises:
+        CheckpointError: listing every difference and what to do.
+    """
+    path, saved = found
+    problems = []
+    for what in ("model", "data"):
+        if saved["fingerprints"][what] != fingerprints[what]:
+            problems.append(f"the {what} differs (fingerprint {saved['fingerprints'][what]} vs {fingerprints[what]})")
+    if saved["world_size"] != world_size:
+        problems.append(f"world size {saved['world_size']} vs {world_size}: resume with the same number of processes")
+    old = {**{k: v for k, v in defaults.items() if k not in saved["options"]}, **saved["options"]}
+    new = options
+    differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in HOW_TO_RESUME)
+    unsafe = [k for k in differing if k not in safe_to_change]
+    if unsafe:
+        problems.append("options differ: " + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in unsafe)
+                        + " (these change the fit itself: start a new fit with resume=false, or use another "
+                          "checkpoint folder)")
+    elif differing and not new.get("force_resume"):
+        problems.append("options differ: " + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differing)
+                        + " (safe to change: pass force_resume=true to accept)")
+    if problems:
+        raise CheckpointError(f"cannot resume from {path}: " + "; ".join(problems))

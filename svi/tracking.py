@@ -29,7 +29,8 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 __all__ = ["Tracker", "NullTracker", "MLflowTracker", "TrackingError", "RunNotFoundError", "flatten",
-           "DEFAULT_TRACKING_URI", "apply_op", "read_spool", "write_spool", "sync", "fit_status_tags"]
+           "DEFAULT_TRACKING_URI", "apply_op", "read_spool", "write_spool", "sync", "fit_status_tags", "tracker_for_fit",
+           "log_fit_start", "RUN_ID_FILE"]
 
 log = logging.getLogger("svi")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -516,6 +517,91 @@ def sync(folder: str | os.PathLike, tracking_uri: str | None = None) -> list[tup
         path.unlink()
         done.append((header["run_id"], len(ops), status))
     return done
+
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def tracker_for_fit(opts, rank: int, resume) -> Tracker:
+    """MLflow on rank 0. A fit that resumes (or restarts under torchrun before its first
+    checkpoint) continues the run recorded beside its checkpoints.
+
+    When the store does not hold that run (a new tracking URI, a deleted ``mlflow.db``), the fit
+    says so in one line and continues in a new run there, tagged with the old run, its store and
+    the step it resumes from; with ``missing_run="error"`` it raises :class:`RunNotFoundError`.
+
+    Args:
+        opts: the fit's :class:`svi.options.FitOptions`.
+        rank: this process's rank (only rank 0 tracks).
+        resume: (path, payload) of the checkpoint the fit resumes from, or None.
+    """
+    from svi.checkpoint import atomic_write_text, is_file, join, local_folder, read_text
+
+    if not opts.tracking or rank != 0:
+        return NullTracker()
+    run_id = resume[1].get("run_id") if resume is not None else None
+    marker = join(opts.checkpoint_dir, RUN_ID_FILE) if opts.checkpoint_dir else None
+    if run_id is None and marker is not None and opts.resume is not False and is_file(marker):
+        run_id = read_text(marker).strip() or None
+    # the spool lists local files to upload, so it stays on this machine: beside local checkpoints,
+    # else in the working folder (as for a fit without checkpoints)
+    local = local_folder(opts.checkpoint_dir)
+    kw = dict(system_metrics=opts.system_metrics, spool_dir=local, hold_metrics=bool(opts.checkpoint_dir),
+              finish_wait=opts.tracking_wait)
+    try:
+        tracker = MLflowTracker(opts.tracking_uri, opts.experiment, opts.run_name, run_id=run_id, **kw)
+    except RunNotFoundError as e:
+        # checkpoints written before the store was recorded do not say where the run is
+        old_store = resume[1].get("tracking_uri") if resume is not None else None
+        source = f"checkpoint {resume[0]}" if resume is not None else f"{marker}"
+        if opts.missing_run == "error":
+            where = f" (in {old_store!r})" if old_store else ""
+            back = (f", or set tracking_uri to {old_store!r} to continue it there"
+                    if old_store and old_store != e.tracking_uri else "")
+            raise RunNotFoundError(f"{e}; {source} belongs to it{where}. Set missing_run='new' "
+                                   f"(tracking.missing_run=new in a job config) to continue in a new run in this "
+                                   f"store{back}", run_id, e.tracking_uri) from None
+        step = int(resume[1]["ranks"][0]["state"]["step"]) if resume is not None else 0
+        tracker = MLflowTracker(opts.tracking_uri, opts.experiment, opts.run_name, **kw)
+        password = urlsplit(old_store).password if old_store else None  # a tag is no place for a database password
+        tracker.set_tags({"svi.resumed_from_run": run_id, "svi.resumed_from_step": str(step),
+                          "svi.resumed_from_store": (old_store.replace(password, "***") if password else old_store)
+                          or "unknown"})
+        log.warning("%s (%s names it); continuing from step %d in a new run %s there, tagged "
+                    "svi.resumed_from_run", e, source, step, tracker.run_id)
+    if not tracker.created and opts.checkpoint_dir:  # the same run goes on: send what an outage left unsent
+        sent = tracker.adopt_spool(local)
+        if sent:
+            log.info("sending %d tracking operations that an earlier tracking outage left in %s", sent,
+                     local or os.getcwd())
+    if marker is not None:
+        atomic_write_text(marker, tracker.run_id)
+    return tracker
+
+
+def log_fit_start(tracker: Tracker, opts, model, space, fingerprints: Mapping[str, str], num_rows: int,
+                  world_size: int, family: str) -> None:
+    """A new run's parameters (options, model, data fingerprints, versions), the checkpoint folder
+    as a tag, and the job file beside the checkpoints as an artifact, so ``svi resume <run id>``
+    can rebuild the job elsewhere."""
+    import dask
+    import torch
+
+    import svi
+    from svi.checkpoint import JOB_FILE, local_folder
+
+    tracker.log_params({
+        "options": opts.as_dict(),
+        "model": {"class": model.spec()["class"], "params": {b.name: f"{list(b.shape)} {b.constraint!r}"
+                                                             for b in space.blocks}},
+        "fingerprint": dict(fingerprints), "num_rows": num_rows, "world_size": world_size, "family": family,
+        "versions": {"svi": svi.__version__, "torch": torch.__version__, "dask": dask.__version__},
+    })
+    if opts.checkpoint_dir:  # an empty tag is a name with no value in the run page's tag list
+        local = local_folder(opts.checkpoint_dir)
+        tracker.set_tags({"svi.checkpoint_dir": os.path.abspath(local) if local is not None else opts.checkpoint_dir})
+        if local is not None and (local / JOB_FILE).is_file():  # a remote job.yaml stays beside its checkpoints
+            tracker.log_artifact(str(local / JOB_FILE))
 
 
 def fit_status_tags(info: Mapping[str, Any]) -> dict[str, str]:

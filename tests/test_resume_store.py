@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 import svi
 from svi import distributed as dist
-from svi.api import RUN_ID_FILE
+from svi.tracking import RUN_ID_FILE
 from svi.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from svi.data.jobs import write_synthetic
 from svi.tracking import RunNotFoundError, TrackingError
