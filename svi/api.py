@@ -344,7 +344,7 @@ def _family_like(saved: Mapping, ctx: FitContext):
 
     st = saved["ranks"][0]["state"]["family"]
     ctx.space.load_state_dict(saved.get("space", {}))  # before the family: its z means these coordinates
-    fam = make_family(ctx.options.family, ctx.space.size, dtype=ctx.dtype, rank=ctx.options.rank,
+    fam = make_family(ctx.options.family, ctx.space.size, dtype=ctx.dtype, num_factors=ctx.options.rank,
                       layout=ctx.space.group_layout())
     fam.load_state_dict(st)
     return fam.to(ctx.device)

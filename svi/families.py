@@ -317,7 +317,6 @@ class MeanField(Family):
     def stddev(self):
         return self._mean_sd(True)[1]
 
-    scale = stddev
 
 
 class FullRank(Family):
@@ -419,7 +418,6 @@ class FullRank(Family):
     def scale_tril(self):
         return self._mean_tril(True)[1]
 
-    scale = scale_tril
 
     @property
     def stddev(self):
@@ -431,18 +429,18 @@ class LowRank(Family):
     "Gaussian variational approximation with a factor covariance structure", JCGS 2018).
 
     Args:
-        rank: r, the number of factor columns.
+        num_factors: r, the number of factor columns (the option ``rank``, Pyro's name for it).
     """
 
     name = "lowrank"
 
-    def __init__(self, size, loc=None, scale=0.1, dtype=torch.float32, rank: int = 2):
+    def __init__(self, size, loc=None, scale=0.1, dtype=torch.float32, num_factors: int = 2):
         super().__init__(size, loc, scale, dtype)
-        if rank < 1:
-            raise ValueError(f"lowrank rank must be at least 1, got {rank}")
-        self.rank = int(rank)
+        if num_factors < 1:
+            raise ValueError(f"lowrank needs at least 1 factor column (option rank), got {num_factors}")
+        self.num_factors = int(num_factors)
         self.loc = nn.Parameter(torch.zeros(size, dtype=dtype))
-        self.factor = nn.Parameter(torch.zeros(size, self.rank, dtype=dtype))
+        self.factor = nn.Parameter(torch.zeros(size, self.num_factors, dtype=dtype))
         self.log_diag = nn.Parameter(torch.zeros(size, dtype=dtype))
 
     def reset_parameters(self):
@@ -450,14 +448,14 @@ class LowRank(Family):
             self.loc.zero_()
             # A zero factor is a saddle of the ELBO in F (its gradient vanishes there);
             # a small deterministic start breaks the symmetry.
-            self.factor.copy_(_small_factor(self.size, self.rank, self.factor.dtype))
+            self.factor.copy_(_small_factor(self.size, self.num_factors, self.factor.dtype))
             self.log_diag.zero_()
 
     def noise_size(self):
-        return self.rank + self.size
+        return self.num_factors + self.size
 
     def forward(self, eps, return_frame: bool = False):
-        e_factor, e_diag = eps[:, : self.rank], eps[:, self.rank :]
+        e_factor, e_diag = eps[:, : self.num_factors], eps[:, self.num_factors :]
         u = self.loc + e_factor @ self.factor.T + e_diag * self.log_diag.exp()
         z = self.frame_loc + u * self.frame_scale
         return (z, u) if return_frame else z
@@ -471,7 +469,7 @@ class LowRank(Family):
     def entropy(self):
         # 0.5 log det(F F^T + D^2) by the matrix determinant lemma.
         d_inv_f = self.factor / self.log_diag.exp().unsqueeze(-1)
-        capacitance = torch.eye(self.rank, dtype=d_inv_f.dtype, device=d_inv_f.device) + d_inv_f.T @ d_inv_f
+        capacitance = torch.eye(self.num_factors, dtype=d_inv_f.dtype, device=d_inv_f.device) + d_inv_f.T @ d_inv_f
         half_log_det = self.log_diag.sum() + torch.linalg.cholesky(capacitance).diagonal().log().sum()
         return half_log_det + self.frame_scale.log().sum() + self.size * _HALF_LOG_2PI_E
 
@@ -494,8 +492,8 @@ class LowRank(Family):
         return var.sqrt() * self.frame_scale
 
     @property
-    def scale(self):
-        """(factor, diagonal sd) of the covariance in z-space."""
+    def covariance_factors(self):
+        """(F, d): the covariance in z-space is F F^T + diag(d^2)."""
         s = self.frame_scale
         return self.factor.detach() * s.unsqueeze(-1), self.log_diag.detach().exp() * s
 
@@ -787,7 +785,7 @@ class Structured(Family):
         return self._variance_u(self._factors(detach=True)).sqrt() * self.frame_scale
 
     @property
-    def scale(self):
+    def scale_tril(self):
         """The Cholesky factor L (K, K) of the covariance in z-space, in layout order (see ``perm``)."""
         return self._dense_tril() * self.frame_scale[self.perm].unsqueeze(-1)
 
@@ -813,7 +811,7 @@ def resolve_family(name: str, layout=None) -> str:
     return name
 
 
-def make_family(name: str, size: int, loc=None, scale=0.1, dtype=torch.float32, rank: int = 2,
+def make_family(name: str, size: int, loc=None, scale=0.1, dtype=torch.float32, num_factors: int = 2,
                 layout=None) -> Family:
     """Build a family by name: ``meanfield``, ``fullrank``, ``lowrank``, ``structured`` or ``auto``
     (:func:`resolve_family`).
@@ -831,7 +829,7 @@ def make_family(name: str, size: int, loc=None, scale=0.1, dtype=torch.float32, 
         return Structured(size, loc, scale, dtype, layout=layout)
 
     if name == "lowrank":
-        fam = LowRank(size, loc, scale, dtype, rank=min(rank, size))
+        fam = LowRank(size, loc, scale, dtype, num_factors=min(num_factors, size))
         fam.reset_parameters()
         return fam
     return FAMILIES[name](size, loc, scale, dtype)

@@ -475,7 +475,7 @@ class Posterior:
             "format_version": FORMAT_VERSION,
             "family": self.family.name,
             "size": self.family.size,
-            "rank": getattr(self.family, "rank", None),
+            "rank": getattr(self.family, "num_factors", None),
             "dtype": str(self.family.frame_loc.dtype).replace("torch.", ""),
             "model": _jsonable(self.model_spec),
             "space": self.space.spec(),
@@ -549,7 +549,7 @@ class Posterior:
             raise PosteriorFormatError(f"{meta_file}: family {meta.get('family')!r} of size {meta.get('size')!r} and "
                                        f"dtype {meta.get('dtype')!r} do not describe {space.size} parameters")
         rank = meta.get("rank") or 2
-        family = make_family(meta["family"], meta["size"], dtype=getattr(torch, meta["dtype"]), rank=int(rank),
+        family = make_family(meta["family"], meta["size"], dtype=getattr(torch, meta["dtype"]), num_factors=int(rank),
                              layout=space.group_layout())
         try:
             family.load_state_dict(tensors)

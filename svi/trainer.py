@@ -129,7 +129,7 @@ def build_family(ctx: FitContext) -> tuple[Family, str, bool]:
     o = ctx.options
     start = _start_from_data(ctx, ctx.space.initial_point(torch.float64, default=o.init))
     layout = ctx.space.group_layout()
-    family = make_family(o.family, ctx.space.size, loc=start, scale=o.init_scale, dtype=ctx.dtype, rank=o.rank,
+    family = make_family(o.family, ctx.space.size, loc=start, scale=o.init_scale, dtype=ctx.dtype, num_factors=o.rank,
                          layout=layout)
     note, warm = "no warm start", False
     if o.warm_start == "laplace" and ctx.warm_batch is not None:
@@ -163,7 +163,7 @@ def build_family(ctx: FitContext) -> tuple[Family, str, bool]:
     elif ctx.space.auto_centering:  # no warm start: centre from the data at the initial point
         _, centring = _centre_group_effects(ctx, start, search=False)
         family = make_family(o.family, ctx.space.size, loc=ctx.space.initial_point(torch.float64, default=o.init),
-                             scale=o.init_scale, dtype=ctx.dtype, rank=o.rank, layout=layout)
+                             scale=o.init_scale, dtype=ctx.dtype, num_factors=o.rank, layout=layout)
         note = f"no warm start; {centring}"
     return family.to(ctx.device), note, warm
 

@@ -97,7 +97,7 @@ def test_set_frame_reproduces_the_requested_gaussian():
     assert torch.allclose(mf.stddev, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="diagonal frame"):
         mf.set_frame(loc, tril)
-    lr = LowRank(K, dtype=torch.float64, rank=1)
+    lr = LowRank(K, dtype=torch.float64, num_factors=1)
     lr.set_frame(loc, torch.tensor([1.0, 2.0, 3.0]))
     assert torch.allclose(lr.mean, loc)
 
@@ -216,3 +216,21 @@ def test_a_structured_state_loads_only_into_the_same_layout():
         other.load_state_dict(fam.state_dict())
     with pytest.raises(ValueError, match="each of the"):
         Structured(K, layout=GroupLayout(torch.arange(3), (torch.arange(2, K).reshape(-1, 1),)))
+
+
+def test_a_saved_lowrank_posterior_keeps_its_number_of_factor_columns(tmp_path):
+    import svi
+    from svi.models import LinearRegression
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(400, 4))
+    y = x @ [1.0, -0.5, 0.2, 0.0] + rng.normal(size=400)
+    post = svi.fit(LinearRegression(4), {"x": x, "y": y}, family="lowrank", rank=3, max_steps=200, khat_rows=0,
+                   progress=False)
+    assert post.family.factor.shape[1] == 3
+    post.save(tmp_path / "q")
+    loaded = svi.load_posterior(tmp_path / "q", model=LinearRegression(4))
+    assert loaded.family.num_factors == 3
+    F, d = post.family.covariance_factors
+    G, e = loaded.family.covariance_factors
+    assert torch.equal(F, G) and torch.equal(d, e)
