@@ -24,8 +24,8 @@ import torch
 from svi import distributed as dist
 from svi import progress
 from svi.callbacks import Callback
-from svi.checkpoint import (JOB_FILE, PAYLOAD_FORMAT, atomic_write_text, check_compatible, find_resume, is_file, join,
-                            local_folder, save_checkpoint)
+from svi.checkpoint import (JOB_FILE, Checkpointer, atomic_write_text, check_compatible, find_resume, is_file, join,
+                            local_folder)
 from svi.data.columns import DataError
 from svi.data.parquet import ParquetSource
 from svi.data.source import open_source, raise_if_unknown, standardize
@@ -351,27 +351,24 @@ def _family_like(saved: Mapping, ctx: FitContext):
 
 
 def _checkpointer(opts: FitOptions, fingerprints, world, tracker, space: ParamSpace):
+    """``checkpoint(state, stream, finished)`` for the trainer, or None without a checkpoint folder."""
     if not opts.checkpoint_dir:
         return None
 
-    def checkpoint(state, stream, finished: str | None) -> None:
-        mine = {"rank": world.rank, "state": state_dict(state, stream)}
-        ranks = dist.gather_object(mine, world)  # rank 0 gets every rank's cursor and RNG state
-        if world.rank == 0:
-            payload = {"format": PAYLOAD_FORMAT, "options": dataclasses.asdict(opts), "fingerprints": fingerprints,
-                       "world_size": world.world_size, "run_id": tracker.run_id,
-                       # the store of run_id: a resume against another store can say where the run is
-                       "tracking_uri": getattr(tracker, "tracking_uri", None),
-                       "finished": finished,  # why the fit stopped, on its last checkpoint; else None
-                       "space": space.state_dict(),  # the group effects' centring: the family's coordinates
-                       "ranks": sorted(ranks, key=lambda r: r["rank"])}
-            path = save_checkpoint(opts.checkpoint_dir, state.step, payload, keep=opts.keep_checkpoints)
-            tracker.commit()  # the metrics up to this checkpoint: a resume will not repeat them
-            if isinstance(path, Path):  # a remote folder is its own durable copy: the run's tag names it
-                tracker.log_artifact(str(path), "checkpoints")
-        dist.barrier(world)  # no rank runs past a checkpoint before it is on disk
+    def header() -> dict:
+        return {"options": opts.as_dict(), "fingerprints": fingerprints, "world_size": world.world_size,
+                "run_id": tracker.run_id,
+                # the store of run_id: a resume against another store can say where the run is
+                "tracking_uri": getattr(tracker, "tracking_uri", None),
+                "space": space.state_dict()}  # the group effects' centring: the family's coordinates
 
-    return checkpoint
+    def saved(path) -> None:
+        tracker.commit()  # the metrics up to this checkpoint: a resume will not repeat them
+        if isinstance(path, Path):  # a remote folder is its own durable copy: the run's tag names it
+            tracker.log_artifact(str(path), "checkpoints")
+
+    writer = Checkpointer(opts.checkpoint_dir, opts.keep_checkpoints, header, world, saved)
+    return lambda state, stream, finished: writer.save(state.step, state_dict(state, stream), finished)
 
 
 _KHAT_ROW_BUDGET = 50_000_000  # rows x parameters of the end-of-fit k-hat (~10 s on 2 cores)

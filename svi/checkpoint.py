@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["JOB_FILE", "CheckpointError", "atomic_write_text", "temporary_name", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint", "remove_stale_temporaries",
-           "CHECKPOINT_GLOB", "PAYLOAD_FORMAT", "find_resume", "check_compatible", "HOW_TO_RESUME", "upgrade_payload", "location_problem", "local_folder", "join", "is_file", "read_text"]
+           "CHECKPOINT_GLOB", "Checkpointer", "PAYLOAD_FORMAT", "find_resume", "check_compatible", "HOW_TO_RESUME", "upgrade_payload", "location_problem", "local_folder", "join", "is_file", "read_text"]
 
 log = logging.getLogger("svi")
 
@@ -479,3 +479,30 @@ def check_compatible(found: tuple, options: dict, defaults: dict, safe_to_change
                         + " (safe to change: pass force_resume=true to accept)")
     if problems:
         raise CheckpointError(f"cannot resume from {path}: " + "; ".join(problems))
+
+
+class Checkpointer:
+    """Writes a fit's checkpoints: every rank's training state (one entry per component, see
+    :func:`svi.trainer.state_dict`) gathered on rank 0 under a header saying which fit it is.
+
+    Args:
+        folder: the checkpoint folder (local or an fsspec URL).
+        keep: how many checkpoints to keep.
+        header: the fit's identity (options, fingerprints, world size, run, ...), asked at each save.
+        world: the fit's :class:`svi.distributed.World`; every rank calls :meth:`save` together.
+        on_saved: told each saved path on rank 0 (the tracker commits its metrics and uploads a local file).
+    """
+
+    def __init__(self, folder, keep: int, header: Callable[[], dict], world, on_saved: Callable[[Any], None]):
+        self.folder, self.keep, self.header, self.world, self.on_saved = folder, keep, header, world, on_saved
+
+    def save(self, step: int, state: dict, finished: str | None = None) -> None:
+        """Save this rank's ``state`` at ``step``; ``finished`` says why the fit stopped, on its last one."""
+        from svi import distributed as dist
+
+        ranks = dist.gather_object({"rank": self.world.rank, "state": state}, self.world)
+        if self.world.rank == 0:
+            payload = {"format": PAYLOAD_FORMAT, **self.header(), "finished": finished,
+                       "ranks": sorted(ranks, key=lambda r: r["rank"])}
+            self.on_saved(save_checkpoint(self.folder, step, payload, keep=self.keep))
+        dist.barrier(self.world)  # no rank runs past a checkpoint before it is on disk
