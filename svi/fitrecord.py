@@ -104,6 +104,7 @@ class FitRecord:
 
     # Read-only dict-style access, kept for code written against the dict ``info`` of earlier
     # versions (``post.info["steps"]``, ``post.info.get("khat")``); new code reads attributes.
+    # Item assignment and deletion raise TypeError naming ``replace``.
     def __getitem__(self, key: str) -> Any:
         if key != "extra" and key in _FIELD_NAMES:
             return getattr(self, key)
@@ -116,6 +117,14 @@ class FitRecord:
             return self[key]
         except KeyError:
             return default
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        raise TypeError(f"post.info is a frozen FitRecord: it cannot be changed in place (info[{key!r}] = ...); "
+                        f"make a new one with post.info = post.info.replace({key}=...)")
+
+    def __delitem__(self, key: str) -> None:
+        raise TypeError(f"post.info is a frozen FitRecord: it cannot be changed in place (del info[{key!r}]); "
+                        f"make a new one with post.info.replace(...)")
 
     def __contains__(self, key: object) -> bool:
         return (key != "extra" and key in _FIELD_NAMES) or key in self.extra

@@ -42,6 +42,11 @@ def test_the_record_is_frozen():
     rec = _full_record()
     with pytest.raises(dataclasses.FrozenInstanceError):
         rec.khat = 0.1
+    with pytest.raises(TypeError, match=r"replace\(khat="):
+        rec["khat"] = 0.1  # the dict-style write of older code: a clear error, not a silent edit
+    with pytest.raises(TypeError, match="replace"):
+        del rec["steps"]
+    assert rec.khat == 0.42 and rec["khat"] == 0.42
     new = rec.replace(khat=0.9)
     assert new.khat == 0.9 and rec.khat == 0.42 and new.steps == rec.steps
 
