@@ -53,7 +53,7 @@ def _fits(uri: str) -> tuple[str, str, str]:
     from mlflow.tracking import MlflowClient
 
     exp = MlflowClient(uri).get_experiment_by_name("svi-demo").experiment_id
-    return exp, good.info["run_id"], bad.info["run_id"]
+    return exp, good.info.run_id, bad.info.run_id
 
 
 def _shoot(page, url: str, path: Path, wait_for: str | None = None) -> None:

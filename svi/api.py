@@ -31,6 +31,7 @@ from svi.data.parquet import ParquetSource
 from svi.data.source import open_source, raise_if_unknown, standardize
 from svi.elbo import anchor_statistics
 from svi.families import resolve_family
+from svi.fitrecord import FitRecord
 from svi.model import Model, ModelError, check_model_outputs
 from svi.options import SAFE_TO_CHANGE, FitOptions
 from svi.posterior import Posterior, load_posterior
@@ -92,7 +93,8 @@ def fit(
             beside the checkpoints once a checkpoint found there has been checked compatible, so a
             refused resume leaves the folder as it was.
         record: more JSON-able fit information for ``post.info`` (``svi fit`` records the job and
-            its truth), in place before the posterior is saved or logged.
+            its truth; keys that are not :class:`svi.fitrecord.FitRecord` fields go to its ``extra``),
+            in place before the posterior is saved or logged.
         callbacks: more :class:`svi.callbacks.Callback` objects, told after every step (with the
             step's ELBO estimate and the schedule's action) and once the returned q is final, after
             the tracker's and the console's own.
@@ -213,7 +215,9 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
         checkpoint = _checkpointer(opts, fingerprints, world, tracker, space)
         result = train(ctx, state, stream, checkpoint=checkpoint,
                        callbacks=default_callbacks(ctx, state, tracker) + list(callbacks))
-        info = {
+        # the k-hat first: the record is complete once, before it is saved or logged
+        khat = _end_of_fit_khat(Posterior(model, space, result.family), source, opts) if world.rank == 0 else {}
+        info = FitRecord.from_dict({
             "steps": result.steps, "converged": result.converged, "reason": result.reason,
             "stop_reason": result.stop_reason,
             "warm_start": result.warm_start, "eta": result.eta, "nonfinite_steps": result.nonfinite_steps,
@@ -222,11 +226,10 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
             "fingerprints": fingerprints, "options": dataclasses.asdict(opts), "history": result.history,
             "heldout_lpd": result.heldout,
             "run_id": tracker.run_id, "columns": dict(columns) if columns else None,
-            "resolved_columns": _resolved_columns(source), **(record or {}),
-        }
+            "resolved_columns": _resolved_columns(source), **(record or {}), **khat,
+        })
         post = Posterior(model, space, result.family, info)
         if world.rank == 0:
-            _end_of_fit_khat(post, source, opts)
             if opts.checkpoint_dir:  # what a finished job run again hands back (_finished_posterior)
                 post.save(join(opts.checkpoint_dir, FINISHED_POSTERIOR))
             tracker.set_tags(fit_status_tags(post.info))
@@ -331,7 +334,7 @@ def _finished_posterior(model: Model, opts: FitOptions, resume) -> Posterior | N
     if not is_file(join(folder, "posterior.json")):  # written by an older svi: resume as before
         return None
     post = Posterior.load(folder, model=model) if isinstance(folder, Path) else load_posterior(folder, model=model)
-    if post.info.get("steps") != step or post.info.get("fingerprints") != saved.get("fingerprints"):
+    if post.info.steps != step or post.info.fingerprints != saved.get("fingerprints"):
         return None  # saved by another fit (killed between its last checkpoint and this file): not this one's
     log.info("%s holds a finished fit (step %d, %s): nothing to do. resume=false starts a new fit; a fit that ran "
              "out of max_steps continues with a larger max_steps", opts.checkpoint_dir, step,
@@ -375,10 +378,11 @@ _KHAT_ROW_BUDGET = 50_000_000  # rows x parameters of the end-of-fit k-hat (~10 
 _KHAT_MIN_ROWS = 2_000
 
 
-def _end_of_fit_khat(post: Posterior, source, opts: FitOptions) -> None:
-    """PSIS k-hat on ``opts.khat_rows`` rows into ``post.info``, warned about above 0.7."""
+def _end_of_fit_khat(post: Posterior, source, opts: FitOptions) -> dict[str, Any]:
+    """PSIS k-hat of q on ``opts.khat_rows`` rows, warned about above 0.7: ``{"khat", "khat_rows"}``
+    for the fit's record ({} when ``khat_rows`` is 0)."""
     if not opts.khat_rows:
-        return
+        return {}
     from svi.diagnostics import psis_on_rows
 
     started = time.perf_counter()
@@ -387,13 +391,13 @@ def _end_of_fit_khat(post: Posterior, source, opts: FitOptions) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one warning below, with advice, instead of the diagnostic's own
         result = psis_on_rows(post, source, rows, seed=opts.seed + 31, progress=opts.progress)
-    post.info["khat"] = result.khat
-    post.info["khat_rows"] = min(rows, source.num_rows)
-    log.info("PSIS k-hat %.2f on %s rows in %.1f s", result.khat, f"{post.info['khat_rows']:,}",
+    khat = {"khat": result.khat, "khat_rows": min(rows, source.num_rows)}
+    log.info("PSIS k-hat %.2f on %s rows in %.1f s", result.khat, f"{khat['khat_rows']:,}",
              time.perf_counter() - started)
     if result.khat > 0.7:
         warnings.warn(f"svi: PSIS k-hat = {result.khat:.2f} > 0.7: q is far from the posterior, do not trust its "
                       f"draws. Try family=fullrank{group_effect_advice(post.space)}", RuntimeWarning, stacklevel=3)
+    return khat
 
 
 def _log_outputs(post: Posterior, tracker: Tracker, opts: FitOptions) -> None:
@@ -422,8 +426,8 @@ def _log_outputs(post: Posterior, tracker: Tracker, opts: FitOptions) -> None:
     tracker.log_artifact(str(folder / "summary.csv"))
     (folder / "config.json").write_text(json.dumps(dataclasses.asdict(opts), indent=1, default=str))
     tracker.log_artifact(str(folder / "config.json"))
-    if post.info["history"]:
-        _elbo_plot(post.info["history"], folder / "elbo.png")
+    if post.info.history:
+        _elbo_plot(post.info.history, folder / "elbo.png")
         tracker.log_artifact(str(folder / "elbo.png"))
     if opts.register_model:  # a logged model of the run, so the registry shows its signature
         tracker.register_model(opts.register_model, folder / "posterior")

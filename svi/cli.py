@@ -45,7 +45,7 @@ def _print_fit_report(post, cfg) -> None:
     if launch_rank() != 0:  # under torchrun every rank holds the posterior; one report is enough
         return
     table = post.summary(n=cfg.output.summary_draws if cfg is not None else 4000)
-    truth = post.info.get("truth")
+    truth = post.info.truth
     if truth:
         from svi.transforms import element_names
 
@@ -66,15 +66,15 @@ def _print_fit_report(post, cfg) -> None:
     for line in folded:
         print(line)
     info = post.info
-    print(f"\n{info['steps']} steps, {'converged' if info['converged'] else 'NOT converged'}: {info['reason']}")
-    if info.get("khat") is not None:
-        khat = info["khat"]
+    print(f"\n{info.steps} steps, {'converged' if info.converged else 'NOT converged'}: {info.reason}")
+    if info.khat is not None:
+        khat = info.khat
         verdict = "good" if khat < 0.5 else "fair" if khat <= 0.7 else "POOR: q is far from the posterior"
-        print(f"PSIS k-hat {khat:.2f} on {info.get('khat_rows', 0):,} rows ({verdict})")
-    print(f"{info['num_rows']:,} rows, batch {info['batch_size']}, {info['seconds']:.1f} s of optimisation")
-    if info.get("run_id"):
-        uri = info["options"].get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-        print(f"MLflow run {info['run_id']}; open the UI with:  mlflow ui --backend-store-uri {uri}")
+        print(f"PSIS k-hat {khat:.2f} on {info.khat_rows or 0:,} rows ({verdict})")
+    print(f"{info.num_rows:,} rows, batch {info.batch_size}, {info.seconds:.1f} s of optimisation")
+    if info.run_id:
+        uri = info.options.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        print(f"MLflow run {info.run_id}; open the UI with:  mlflow ui --backend-store-uri {uri}")
     if cfg is not None and cfg.output.posterior:
         print(f"posterior saved in {cfg.output.posterior}  (svi summary | sample | diagnose {cfg.output.posterior})")
 
@@ -220,7 +220,7 @@ def cmd_loo(args) -> int:
     from svi.posterior import load_posterior
 
     post = load_posterior(args.uri, tracking_uri=args.tracking_uri, trust=args.trust)
-    data = args.data if args.data is not None else post.info.get("data_path")
+    data = args.data if args.data is not None else post.info.data_path
     if data is None:
         raise SystemExit(f"svi loo: {args.uri} does not record the data it was fitted to; pass --data PATH")
     idata = post.to_arviz(n=args.draws, seed=args.seed, data=data, rows=args.rows,

@@ -205,11 +205,14 @@ def diagnose(uri_or_post: Any, data: Any = None, columns: Mapping | None = None,
              trust: Sequence[str] = (), progress: bool | str = "auto") -> Diagnosis:
     """Load a posterior (or take one), stream its full data set, and compute PSIS k-hat.
 
-    The data default to what the posterior was fitted to (its ``info["data_path"]`` and
+    The data default to what the posterior was fitted to (its ``info.data_path`` and
     columns); the result is logged to the fit's MLflow run when it has one. The likelihood is
     the model's: ``model`` when given, else the posterior's own when it has one, else rebuilt
     from the file only for ``svi.models`` and modules in ``trust`` (see :mod:`svi.imports`).
     ``progress`` shows a bar of the rows streamed (``"auto"``: when stderr is a terminal).
+
+    The diagnosed posterior (``result.posterior``, the one passed in) gets a new record,
+    ``post.info.replace(khat=..., khat_rows=...)``; the record it had is not changed.
     """
     from svi.data.source import open_source
     from svi.options import FitOptions
@@ -219,10 +222,10 @@ def diagnose(uri_or_post: Any, data: Any = None, columns: Mapping | None = None,
     if model is not None and post.model is None:
         post.model = model
     the_model = post.require_model("PSIS k-hat on data")
-    data = data if data is not None else post.info.get("data_path")
+    data = data if data is not None else post.info.data_path
     if data is None:
         raise ValueError("this posterior does not record its data set; pass data= (a Parquet path, dict or DataFrame)")
-    columns = columns if columns is not None else post.info.get("columns")
+    columns = columns if columns is not None else post.info.columns
     dtype = torch.float64
     source = open_source(data, columns, the_model.batch_keys, the_model.integer_keys, dtype,
                          FitOptions(in_memory_rows=0) if isinstance(data, (str,)) else FitOptions(),
@@ -232,10 +235,11 @@ def diagnose(uri_or_post: Any, data: Any = None, columns: Mapping | None = None,
     finally:
         if hasattr(source, "close"):
             source.close()
-    post.info["khat"] = result.khat
-    run_id = post.info.get("run_id")
+    # a new record, not an edit of the old one: records captured before (saved, logged) stay as they were
+    post.info = post.info.replace(khat=result.khat, khat_rows=source.num_rows)
+    run_id = post.info.run_id
     if log_to_run and run_id:
-        _log_khat(run_id, result, tracking_uri or post.info.get("options", {}).get("tracking_uri"))
+        _log_khat(run_id, result, tracking_uri or (post.info.options or {}).get("tracking_uri"))
     return result
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from svi.families import FAMILIES, Family, make_family
+from svi.fitrecord import FitRecord
 from svi.imports import UntrustedModelError, import_model_class, is_trusted
 from svi.model import Model, ModelError, _jsonable
 from svi.transforms import ParamSpace, element_names
@@ -51,16 +52,18 @@ class Posterior:
             (sampling, summaries and ArviZ export need none; :meth:`require_model` says what to do).
         space: the model's unconstrained space.
         family: the fitted family (z-space Gaussian).
-        info: fit information (steps, convergence, options, ...), JSON-able.
+        info: fit information (steps, convergence, options, k-hat, ...): a
+            :class:`svi.fitrecord.FitRecord`, or its flat dict form (read with
+            :meth:`FitRecord.from_dict`).
         model_spec: the model's recorded class path and arguments (defaults to ``model.spec()``).
     """
 
-    def __init__(self, model: Model | None, space: ParamSpace, family: Family, info: Mapping[str, Any] | None = None,
+    def __init__(self, model: Model | None, space: ParamSpace, family: Family, info: FitRecord | Mapping[str, Any] | None = None,
                  model_spec: Mapping[str, Any] | None = None):
         self.model = model
         self.space = space
         self.family = family.eval()
-        self.info = dict(info or {})
+        self.info = FitRecord.from_dict(info)  # frozen: later changes replace it (FitRecord.replace)
         self.model_spec = dict(model_spec) if model_spec is not None else (model.spec() if model is not None else {})
 
     @property
@@ -131,9 +134,9 @@ class Posterior:
         table = pd.DataFrame(
             {"mean": x.mean(0), "sd": x.std(0, ddof=1), "q5": q5, "q50": q50, "q95": q95}, index=pd.Index(names, name="param")
         )
-        if self.info.get("khat") is not None:  # after svi.diagnostics.diagnose: one k-hat for the whole q
-            table["khat"] = float(self.info["khat"])
-            table.attrs["khat"] = float(self.info["khat"])
+        if self.info.khat is not None:  # from the fit or svi.diagnostics.diagnose: one k-hat for the whole q
+            table["khat"] = float(self.info.khat)
+            table.attrs["khat"] = float(self.info.khat)
         return table
 
     def to_arviz(self, n: int = 4000, seed: int = 0, data: Any = None, columns: Mapping[str, Any] | None = None,
@@ -171,9 +174,9 @@ class Posterior:
             seed: seed of the draws (and of the simulated outcomes).
             data: ``None`` (posterior group only); a dict of arrays, a DataFrame or a Parquet
                 path/glob as :meth:`predict` takes, holding the outcome; or ``True`` for the data
-                the posterior was fitted to (``info["data_path"]``, recorded by config fits).
+                the posterior was fitted to (``info.data_path``, recorded by config fits).
             columns: batch key -> column(s) mapping for DataFrame or Parquet data (default: the
-                fit's ``info["columns"]``).
+                fit's ``info.columns``).
             rows: cap on the rows used for the data groups (default 10,000): all rows when the
                 data have no more, else a uniform sample of this many.
             chains: the n independent draws are laid out as this many chains of ``n // chains``
@@ -229,12 +232,12 @@ class Posterior:
     def _column_names(self, columns: Mapping[str, Any] | None, data: Any = None) -> dict[str, list[str] | None]:
         """{batch key: the columns it reads} from the mapping (``columns``, else the fit's), with
         glob patterns expanded against ``data``'s columns, else a resolution the fit recorded
-        (``info["resolved_columns"]``), else the schema of ``info["data_path"]``; ``None`` for a
+        (``info.resolved_columns``), else the schema of ``info.data_path``; ``None`` for a
         pattern none of these can expand."""
         from svi.data.columns import is_pattern
 
-        mapping = dict(columns if columns is not None else (self.info.get("columns") or {}))
-        recorded = self.info.get("resolved_columns")
+        mapping = dict(columns if columns is not None else (self.info.columns or {}))
+        recorded = self.info.resolved_columns
         recorded = recorded if isinstance(recorded, Mapping) else {}
         available: list[str] | None = None
         out: dict[str, list[str] | None] = {}
@@ -248,7 +251,7 @@ class Posterior:
                     out[key] = [str(c) for c in recorded[key]]
                     continue
                 if available is None:
-                    available = _available_columns(data) or _available_columns(self.info.get("data_path")) or []
+                    available = _available_columns(data) or _available_columns(self.info.data_path) or []
                 out[key] = [c for c in available if fnmatch.fnmatchcase(c, spec)] or None
         return out
 
@@ -259,7 +262,7 @@ class Posterior:
         declared = getattr(self.model, "dims", None) if self.model is not None else None
         if not isinstance(declared, Mapping):
             return {}, {}
-        mapping = dict(columns if columns is not None else (self.info.get("columns") or {}))
+        mapping = dict(columns if columns is not None else (self.info.columns or {}))
         dims: dict[str, list[str]] = {}
         coords: dict[str, list] = {}
         for b in self.space.blocks:
@@ -296,9 +299,9 @@ class Posterior:
         from svi.options import FitOptions
 
         if data is True:
-            data = self.info.get("data_path")
+            data = self.info.data_path
             if data is None:
-                raise ValueError("this posterior does not record its data set (info['data_path']); pass data= "
+                raise ValueError("this posterior does not record its data set (info.data_path); pass data= "
                                  "(a Parquet path, dict or DataFrame)")
         cap = _DEFAULT_ARVIZ_ROWS if rows is None else int(rows)
         if cap < 1:
@@ -306,7 +309,7 @@ class Posterior:
         if isinstance(data, Mapping) and not hasattr(data, "columns"):
             columns = None  # a dict names its keys itself
         else:
-            columns = columns if columns is not None else self.info.get("columns")
+            columns = columns if columns is not None else self.info.columns
         # float64, as svi diagnose: observed_data holds the values as given, and elpd sums many terms
         source = open_source(data, columns, model.batch_keys, model.integer_keys, torch.float64,
                              FitOptions(in_memory_rows=0), validate=model.validate)
@@ -425,7 +428,7 @@ class Posterior:
         from svi.options import FitOptions
 
         keys = list(self.model.batch_keys or [])
-        columns = dict(columns or self.info.get("columns") or {})
+        columns = dict(columns or self.info.columns or {})
         dtype = self.family.frame_loc.dtype
         if is_parquet_input(data):
             import pyarrow.parquet as pq
@@ -479,7 +482,7 @@ class Posterior:
             "dtype": str(self.family.frame_loc.dtype).replace("torch.", ""),
             "model": _jsonable(self.model_spec),
             "space": self.space.spec(),
-            "info": _jsonable(self.info),
+            "info": self.info.to_dict(),
         }
         from svi.checkpoint import temporary_name
 
@@ -713,11 +716,11 @@ def save_mlflow_model(post: Posterior, path: str | os.PathLike, columns: Mapping
 
     The model carries:
 
-    - an input signature: one column per input column of the fit's mapping (``post.info["columns"]``,
+    - an input signature: one column per input column of the fit's mapping (``post.info.columns``,
       or ``columns``), the outcome excluded; integer keys (group ids) as ``long``, the rest as
       ``double``. MLflow then checks each request and names missing columns ("Model is missing
       inputs ['x3']") instead of failing inside the model. A glob pattern (``"x*"``) is expanded
-      from the fit's record (``info["resolved_columns"]``, or the schema of ``info["data_path"]``);
+      from the fit's record (``info.resolved_columns``, or the schema of ``info.data_path``);
       when svi cannot name every column (a pattern it cannot expand, a fit on a dict of arrays, a
       posterior without its model) the model is written without an input signature and a warning
       says so;
@@ -742,8 +745,8 @@ def save_mlflow_model(post: Posterior, path: str | os.PathLike, columns: Mapping
     path = Path(path)
     inputs = _input_schema(post, columns)
     if columns:  # the served model must read the columns its signature names
-        post = Posterior(post.model, post.space, post.family, {**post.info, "columns": {
-            **(post.info.get("columns") or {}), **dict(columns)}}, post.model_spec)
+        post = Posterior(post.model, post.space, post.family, post.info.replace(columns={
+            **(post.info.columns or {}), **dict(columns)}), post.model_spec)
     params = ParamSchema([ParamSpec("draws", "long", 1000), ParamSpec("seed", "long", 0),
                           ParamSpec("kind", "string", "mean")])
     with tempfile.TemporaryDirectory() as tmp:
@@ -774,7 +777,7 @@ def _input_schema(post: Posterior, columns: Mapping[str, Any] | None):
     model = post.model
     if model is None:  # which keys hold integers is the model's to say
         return none("the posterior's model code is not loaded, so svi cannot tell the input types")
-    mapping = dict(columns if columns is not None else (post.info.get("columns") or {}))
+    mapping = dict(columns if columns is not None else (post.info.columns or {}))
     if not mapping:
         return none("the fit mapped no columns (it was given a dict of arrays); name them with "
                     "save_mlflow_model(post, path, columns={key: column(s)})")

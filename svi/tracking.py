@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
+from svi.fitrecord import FitRecord
+
 __all__ = ["Tracker", "NullTracker", "MLflowTracker", "TrackingError", "RunNotFoundError", "flatten",
            "DEFAULT_TRACKING_URI", "apply_op", "read_spool", "write_spool", "sync", "fit_status_tags", "tracker_for_fit",
            "log_fit_start", "RUN_ID_FILE"]
@@ -604,24 +606,30 @@ def log_fit_start(tracker: Tracker, opts, model, space, fingerprints: Mapping[st
             tracker.log_artifact(str(local / JOB_FILE))
 
 
-def fit_status_tags(info: Mapping[str, Any]) -> dict[str, str]:
+def fit_status_tags(info: FitRecord) -> dict[str, str]:
     """Tags that tell an unconverged or untrustworthy fit apart in the MLflow run list and run page:
     ``svi.status`` (one word a run-list column can show), ``svi.converged``, ``svi.stop_reason``,
-    ``svi.khat`` and the run description (``mlflow.note.content``)."""
-    khat = info.get("khat")
+    ``svi.khat`` and the run description (``mlflow.note.content``).
+
+    Args:
+        info: the fit's record (a :class:`svi.fitrecord.FitRecord`; a dict of its fields is read as one).
+    """
+    info = FitRecord.from_dict(info)
+    khat = info.khat
     trusted = khat is None or khat <= 0.7
-    if info["converged"] and trusted:
+    if info.converged and trusted:
         status = "converged"
-    elif info["converged"]:
+    elif info.converged:
         status = "converged, k-hat high"
     else:
         status = "NOT converged" + ("" if trusted else ", k-hat high")
-    lines = [f"**{status}**: {info['reason']} ({info['steps']} steps)."]
+    lines = [f"**{status}**: {info.reason} ({info.steps} steps)."]
     if khat is not None:
         verdict = "good" if khat < 0.5 else "fair" if khat <= 0.7 else "poor: do not trust the draws"
-        lines.append(f"PSIS k-hat {khat:.3f} on {info.get('khat_rows', '?')} rows ({verdict}).")
-    tags = {"svi.status": status, "svi.converged": str(bool(info["converged"])).lower(),
-            "svi.stop_reason": info["stop_reason"], "mlflow.note.content": "\n\n".join(lines)}
+        rows = info.khat_rows if info.khat_rows is not None else "?"
+        lines.append(f"PSIS k-hat {khat:.3f} on {rows} rows ({verdict}).")
+    tags = {"svi.status": status, "svi.converged": str(bool(info.converged)).lower(),
+            "svi.stop_reason": info.stop_reason, "mlflow.note.content": "\n\n".join(lines)}
     if khat is not None:
         tags["svi.khat"] = f"{khat:.3f}"
     return tags

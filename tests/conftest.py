@@ -35,5 +35,5 @@ def fit_doing_nothing(model, data, family, **options):
 
     with pytest.warns(RuntimeWarning, match="reached max_steps=1 "):
         post = svi.fit(model, data, family=family, **options, max_steps=1, lr=1e-12)
-    assert post.info["steps"] == 1
+    assert post.info.steps == 1
     return post

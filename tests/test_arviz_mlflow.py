@@ -237,7 +237,7 @@ def test_patterns_expand_from_the_data_path_or_fall_back_with_a_warning(frame, t
     with pytest.warns(UserWarning, match=r"no input signature: key 'x' maps to the pattern 'x_\*'"):
         folder = save_mlflow_model(post, tmp_path / "unnamed")
     assert mlflow.pyfunc.load_model(str(folder)).metadata.get_input_schema() is None
-    post.info["data_path"] = str(path)  # what a config fit records: the pattern expands against its schema
+    post.info = post.info.replace(data_path=str(path))  # what a config fit records: the pattern expands against its schema
     folder = save_mlflow_model(post, tmp_path / "named")
     assert mlflow.pyfunc.load_model(str(folder)).metadata.get_input_schema().input_names() == ["x_a", "x_b", "x_c"]
     idata = post.to_arviz(n=100, data=True, rows=50)  # data=True: the recorded data set
@@ -298,7 +298,7 @@ def test_a_tracked_parquet_fit_registers_a_logged_model_with_named_inputs(frame,
                        max_steps=300, khat_rows=0, tracking=True, tracking_uri=uri, register_model="lin",
                        checkpoint_dir="ck", checkpoint_every=1000)
     client = MlflowClient(uri)
-    run = client.get_run(post.info["run_id"])
+    run = client.get_run(post.info.run_id)
     version = client.get_model_version("lin", "1")
     # MLflow 3's registry reads the signature from the logged model a version points to; in a store
     # opened in this process the version's source is that logged model's storage location (see

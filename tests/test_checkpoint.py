@@ -39,7 +39,7 @@ def _fit(data, folder, max_steps, **kw):
 def _same(a, b):
     for p, q in zip(a.family.parameters(), b.family.parameters()):
         assert torch.equal(p, q)
-    assert a.info["history"] == b.info["history"]
+    assert a.info.history == b.info.history
 
 
 @pytest.mark.parametrize("source", ["memory", "parquet"])
@@ -55,7 +55,7 @@ def test_resume_equals_no_resume(tmp_path, source):
     _fit(data, tmp_path / "b", 250, **extra)  # "stops" at step 250 (not a window or checkpoint boundary)
     assert [p.name for p in list_checkpoints(tmp_path / "b")][-1] == "ckpt-000000250.pt"
     resumed = _fit(data, tmp_path / "b", 650, resume=True, force_resume=True, **extra)
-    assert resumed.info["steps"] == straight.info["steps"] == 650
+    assert resumed.info.steps == straight.info.steps == 650
     _same(straight, resumed)
 
 
@@ -133,7 +133,7 @@ def test_incompatible_resumes_are_refused_with_the_differences(tmp_path):
     (list_checkpoints(tmp_path)[-1]).write_bytes(b"SVICKPT1" + b"0" * 70)
     # the damaged newest checkpoint is skipped and the previous one resumes
     resumed = _fit(data, tmp_path, 200, resume=True)
-    assert resumed.info["steps"] == 200 and before["ranks"][0]["state"]["step"] == 200
+    assert resumed.info.steps == 200 and before["ranks"][0]["state"]["step"] == 200
 
 
 def test_kill_minus_nine_mid_fit_then_resume_matches_an_uninterrupted_fit(tmp_path):
@@ -188,15 +188,15 @@ def test_a_remote_folder_resumes_to_the_parameters_of_a_straight_run(tmp_path, m
     assert list_checkpoints(memory_url)[-1] == f"{memory_url}/ckpt-000000250.pt"
     fs = fsspec.filesystem("memory")
     root = memory_url.removeprefix("memory://")
-    assert fs.cat_file(f"{root}/mlflow_run_id").decode() == first.info["run_id"]  # beside the checkpoints
+    assert fs.cat_file(f"{root}/mlflow_run_id").decode() == first.info.run_id  # beside the checkpoints
     resumed = _fit(data, memory_url, 650, resume=True, force_resume=True, tracking=True)
-    assert resumed.info["steps"] == straight.info["steps"] == 650
+    assert resumed.info.steps == straight.info.steps == 650
     _same(straight, resumed)
-    assert resumed.info["run_id"] == first.info["run_id"]  # the run goes on, found through the remote marker
+    assert resumed.info.run_id == first.info.run_id  # the run goes on, found through the remote marker
     assert [_name(p) for p in list_checkpoints(memory_url)] == ["ckpt-000000500.pt", "ckpt-000000600.pt",
                                                                 "ckpt-000000650.pt"]  # keep_checkpoints=3
     assert not any(".tmp" in p for p in fs.ls(root, detail=False))
-    run = MlflowClient("sqlite:///mlflow.db").get_run(first.info["run_id"])
+    run = MlflowClient("sqlite:///mlflow.db").get_run(first.info.run_id)
     assert run.data.tags["svi.checkpoint_dir"] == memory_url  # where the checkpoints are, as given
     # the finished fit's posterior is beside its checkpoints: running the job again trains nothing
     assert fs.isfile(f"{root}/posterior/posterior.json")
@@ -204,7 +204,7 @@ def test_a_remote_folder_resumes_to_the_parameters_of_a_straight_run(tmp_path, m
     again = _fit(data, memory_url, 650, resume=True, force_resume=True)
     assert fs.modified(f"{root}/ckpt-000000650.pt") == written  # no step, no new checkpoint
     assert all(torch.equal(p, q) for p, q in zip(again.family.parameters(), resumed.family.parameters()))
-    assert again.info["steps"] == 650 and [tuple(h) for h in again.info["history"]] == resumed.info["history"]
+    assert again.info.steps == 650 and [tuple(h) for h in again.info.history] == resumed.info.history
     assert [_name(p) for p in list_checkpoints(memory_url)][-1] == "ckpt-000000650.pt"
 
 

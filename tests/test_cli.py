@@ -76,7 +76,7 @@ def test_every_example_config_runs_to_a_posterior(config, tmp_path, monkeypatch)
     assert post.summary().shape[0] >= 2
     assert list_checkpoints(tmp_path / "ck")
     if config == "histograms.yaml":  # held out rows written beside the data and scored during the fit
-        assert (tmp_path / "data-heldout").is_dir() and post.info["heldout_lpd"]
+        assert (tmp_path / "data-heldout").is_dir() and post.info.heldout_lpd
 
 
 def test_bad_configs_name_the_key_or_path(tmp_path):
@@ -149,9 +149,9 @@ def test_the_shipped_hierarchical_configs_converge_and_cover_the_truth(config, t
     monkeypatch.chdir(tmp_path)
     post = svi.fit_config(ROOT / "conf" / config, [f"data.path={tmp_path}/data", f"checkpoint.dir={tmp_path}/ck",
                                                    f"output.posterior={tmp_path}/post", "tracking.enabled=false"])
-    assert post.info["converged"], post.info["reason"]
+    assert post.info.converged, post.info.reason
     table = post.summary(n=4000)
-    for name, value in post.info["truth"].items():
+    for name, value in post.info.truth.items():
         arr = np.asarray(value, dtype=float).reshape(-1)
         rows = [name] if arr.size == 1 and name in table.index else [f"{name}[{i}]" for i in range(arr.size)]
         z = np.abs(table.loc[rows, "mean"].to_numpy() - arr) / table.loc[rows, "sd"].to_numpy()
@@ -181,6 +181,6 @@ def test_resume_a_checkpoint_folder_given_as_an_fsspec_url(tmp_path, monkeypatch
         out = capsys.readouterr().out
         assert f"resuming {url}: model svi.models:LogisticRegression from {url}/job.yaml" in out
         assert [str(p).rsplit("/", 1)[-1] for p in list_checkpoints(url)][-1] == "ckpt-000000300.pt"
-        assert svi.load_posterior(tmp_path / "post").info["steps"] == 300
+        assert svi.load_posterior(tmp_path / "post").info.steps == 300
     finally:
         fsspec.filesystem("memory").rm(f"/svi-tests/{tmp_path.name}", recursive=True)

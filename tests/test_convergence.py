@@ -83,8 +83,8 @@ def test_a_fit_that_runs_out_of_decays_is_reported_unconverged():
     data = {"x": x, "y": x @ np.array([1.0, -1.0, 0.5]) + rng.normal(size=4000)}
     with pytest.warns(RuntimeWarning, match="NOT converged: gave up after 0 step-size decays.*Try: raise max_decays"):
         post = svi.fit(svi.models.LinearRegression(3), data, batch_size=64, max_decays=0, warm_start="none")
-    assert not post.info["converged"] and post.info["stop_reason"] == "max_decays"
-    assert post.info["steps"] < 10_000  # it stopped: stopping and converging are two different things
+    assert not post.info.converged and post.info.stop_reason == "max_decays"
+    assert post.info.steps < 10_000  # it stopped: stopping and converging are two different things
 
 
 def test_iterate_averager_drops_burn_in_windows():

@@ -232,14 +232,14 @@ def test_streaming_fit_recovers_the_truth_and_matches_the_in_memory_fit(tmp_path
     table = pa.concat_tables([pq.read_table(f) for f in sorted((tmp_path / "data").glob("*.parquet"))])
     x = np.stack([table.column(f"x{j}").to_numpy() for j in range(4)], 1)
     memory = svi.fit(model, {"x": x, "y": table.column("y").to_numpy()}, family="fullrank", batch_size=2048)
-    assert streamed.info["converged"] and memory.info["converged"]
+    assert streamed.info.converged and memory.info.converged
     sd = memory.family.stddev.double()
     diff = (streamed.family.mean.double() - memory.family.mean.double()).abs() / sd
     assert diff.max() < 0.1, diff
     truth = np.r_[meta["truth"]["w"], meta["truth"]["b"]]
     z = (streamed.family.mean.double().numpy() - truth) / streamed.family.stddev.double().numpy()
     assert np.abs(z).max() < 3, z
-    assert streamed.info["num_rows"] == 120_000
+    assert streamed.info.num_rows == 120_000
 
 
 def test_standardize_uses_full_data_statistics(tmp_path):

@@ -86,13 +86,13 @@ def test_two_nodes_with_c10d_rendezvous_complete_a_fit(tmp_path):
     from svi.posterior import load_posterior
 
     info = load_posterior(tmp_path / "post").info
-    assert info["world_size"] == 2 and info["num_rows"] == 40000
+    assert info.world_size == 2 and info.num_rows == 40000
     # the fit report is printed once, by rank 0, and describes the posterior that was saved
     reports = [o for o in outs if re.search(r"^\d+ steps, (NOT )?converged: ", o, re.MULTILINE)]
     assert len(reports) == 1, outs[0][-3000:] + outs[1][-3000:]
-    steps_line = f"\n{info['steps']} steps, {'converged' if info['converged'] else 'NOT converged'}: {info['reason']}\n"
+    steps_line = f"\n{info.steps} steps, {'converged' if info.converged else 'NOT converged'}: {info.reason}\n"
     assert steps_line in reports[0], reports[0][-3000:]
-    assert f"\n40,000 rows, batch {info['batch_size']}, " in reports[0], reports[0][-3000:]
+    assert f"\n40,000 rows, batch {info.batch_size}, " in reports[0], reports[0][-3000:]
 
 
 def test_a_real_dask_cluster_serves_the_reads_of_a_two_rank_fit(tmp_path):

@@ -67,7 +67,7 @@ def test_fullrank_recovers_the_exact_posterior(start):
     model, data, mean, cov, _ = conjugate_problem()
     options = STARTS[start] | ({"tol_param": 0.02} if start == "subsample" else {})
     post = svi.fit(model, data, family="fullrank", **options)
-    assert post.info["converged"], post.info["reason"]
+    assert post.info.converged, post.info.reason
     mean_err, cov_err = fullrank_errors(post, mean, cov)
     assert np.all(mean_err < 3), mean_err
     assert cov_err < 0.05, cov_err
@@ -77,7 +77,7 @@ def test_fullrank_recovers_the_exact_posterior(start):
 def test_meanfield_recovers_the_kl_optimum(start):
     model, data, mean, cov, precision = conjugate_problem()
     post = svi.fit(model, data, family="meanfield", **STARTS[start])
-    assert post.info["converged"], post.info["reason"]
+    assert post.info.converged, post.info.reason
     sd_err, rel_err, var_err = meanfield_errors(post, mean, cov, precision)
     assert np.all(sd_err < 0.05), sd_err
     assert np.all(rel_err <= 0.05), rel_err
@@ -97,7 +97,7 @@ def test_do_nothing_fails_the_conjugate_tolerances(start):
 def test_minibatch_fit_with_ragged_batches_matches_the_exact_posterior():
     model, data, mean, cov, _ = conjugate_problem(n=20_000, seed=1)
     post = svi.fit(model, data, family="fullrank", batch_size=700, seed=2)  # 20000 = 28 x 700 + 400
-    assert post.info["batch_size"] == 700 and post.info["converged"], post.info["reason"]
+    assert post.info.batch_size == 700 and post.info.converged, post.info.reason
     err = (post.family.mean.double().numpy() - mean) / np.sqrt(np.diag(cov))
     assert np.all(np.abs(err) < 0.1), err
     fitted = post.family.covariance().double().numpy()
@@ -107,9 +107,9 @@ def test_minibatch_fit_with_ragged_batches_matches_the_exact_posterior():
 def test_stan_style_advi_searches_eta_and_stops_on_relative_tolerance():
     model, data, mean, cov, _ = conjugate_problem()
     post = svi.fit(model, data, family="meanfield", seed=1, **svi.STAN_ADVI)
-    assert post.info["eta"] in STAN_ETAS
-    assert post.info["converged"] and "relative ELBO change" in post.info["reason"]
-    assert post.info["warm_start"] == "no warm start"
+    assert post.info.eta in STAN_ETAS
+    assert post.info.converged and "relative ELBO change" in post.info.reason
+    assert post.info.warm_start == "no warm start"
     err = np.abs(post.family.mean.double().numpy() - mean) / np.sqrt(np.diag(cov))
     assert err.max() < 1.0, err  # Stan's 0.01 tolerance stops early: near, not on, the optimum
 
@@ -141,7 +141,7 @@ class Flaky(svi.Model):
 def test_transient_non_finite_steps_are_skipped_and_counted():
     y = np.random.default_rng(0).normal(2.0, 1.0, size=50)
     post = svi.fit(Flaky(), {"y": y}, family="meanfield", warm_start="none", seed=0)
-    assert post.info["nonfinite_steps"] > 0
+    assert post.info.nonfinite_steps > 0
     exact_mean, exact_sd = y.sum() / (50 + 1e-2), 1 / math.sqrt(50 + 1e-2)
     assert abs(float(post.family.mean[0]) - exact_mean) < 0.1 * exact_sd
     assert torch.isfinite(torch.cat([p.detach().reshape(-1) for p in post.family.parameters()])).all()
@@ -220,7 +220,7 @@ def test_bad_data_and_options_are_clear_errors():
     with pytest.raises(DataError, match=r"key 'y' in the in-memory data has 3 NaN or infinite values.*nan_policy='drop'"):
         svi.fit(model, {"x": x, "y": y_nan})
     post = svi.fit(model, {"x": x, "y": y_nan}, nan_policy="drop")
-    assert post.info["dropped_rows"] == 3 and post.info["num_rows"] == 17
+    assert post.info.dropped_rows == 3 and post.info.num_rows == 17
     with pytest.raises(DataError, match=r"key 'y' in the in-memory data has non-numeric dtype <U1"):
         svi.fit(model, {"x": x, "y": np.array(["a"] * 20)})
     with pytest.raises(DataError, match=r"key 'y' in the in-memory data has 19 rows but earlier keys have 20"):
@@ -239,7 +239,7 @@ def test_reaching_max_steps_warns_and_says_so():
     model, data, *_ = conjugate_problem()
     with pytest.warns(RuntimeWarning, match="reached max_steps=50"):
         post = svi.fit(model, data, family="meanfield", warm_start="none", max_steps=50)
-    assert not post.info["converged"] and post.info["steps"] == 50
+    assert not post.info.converged and post.info.steps == 50
 
 
 def test_save_and_load_round_trip_gives_identical_draws(tmp_path):
@@ -249,7 +249,7 @@ def test_save_and_load_round_trip_gives_identical_draws(tmp_path):
     loaded = svi.load_posterior(tmp_path / "post")
     a, b = post.sample(500, seed=7), loaded.sample(500, seed=7)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert loaded.info["converged"] == post.info["converged"]
+    assert loaded.info.converged == post.info.converged
     (tmp_path / "post" / "posterior.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(svi.posterior.PosteriorFormatError, match="posterior.safetensors is damaged"):
         svi.load_posterior(tmp_path / "post")

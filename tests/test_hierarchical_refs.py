@@ -110,7 +110,7 @@ def test_a_user_written_group_effect_matches_eight_schools(family):
     J = int(data["J"])
     rows = {"y": np.asarray(data["y"], float), "sigma": np.asarray(data["sigma"], float), "g": np.arange(J)}
     post = svi.fit(EightSchools(J), rows, family=family, seed=0, tracking=False, progress=False)
-    assert post.info["converged"], post.info["reason"]
+    assert post.info.converged, post.info.reason
     s = post.summary(n=20_000, seed=1)
     names = {"mu": "mu", "tau": "tau", **{f"theta[{j}]": f"theta[{j + 1}]" for j in range(J)}}
     err = {n: abs(s.loc[n, "mean"] - ref[r]["mean"]) / ref[r]["sd"] for n, r in names.items()}

@@ -146,7 +146,7 @@ def test_fit_recovers_the_maximum_likelihood_mixture_and_the_start_alone_does_no
         em = EM(3, covariance_type="diag", tol=1e-10, max_iter=5000, n_init=3, random_state=0).fit(y)
     reference = {"loc": em.means_, "scale": np.sqrt(em.covariances_), "weights": em.weights_}
     post = svi.fit(GaussianMixture(3, n_features=4), {"y": y.astype(np.float32)}, khat_rows=0)
-    assert post.info["converged"]
+    assert post.info.converged
     assert _max_error_in_sds(post, reference) < 0.3
     idle = svi.fit(GaussianMixture(3, n_features=4), {"y": y.astype(np.float32)}, warm_start="none",
                    max_steps=1, lr=1e-12, init_scale=1e-3, khat_rows=0)
@@ -165,10 +165,10 @@ def test_streamed_fit_logs_heldout_lpd_and_recovers_the_histogram_clusters(tmp_p
     model = GaussianMixture(4, n_features=8)
     post = svi.fit(model, str(data), columns=meta["columns"], heldout=str(heldout_folder(data)), heldout_every=200,
                    in_memory_rows=0, tracking=True, tracking_uri=uri, experiment="gmm", khat_rows=0)
-    curve = post.info["heldout_lpd"]
+    curve = post.info.heldout_lpd
     steps = [s for s, _, _ in curve]
-    assert steps[:-1] == list(range(200, 200 * len(steps[:-1]) + 1, 200)) and steps[-1] == post.info["steps"]
-    history = mlflow.MlflowClient(uri).get_metric_history(post.info["run_id"], "heldout_lpd")
+    assert steps[:-1] == list(range(200, 200 * len(steps[:-1]) + 1, 200)) and steps[-1] == post.info.steps
+    history = mlflow.MlflowClient(uri).get_metric_history(post.info.run_id, "heldout_lpd")
     assert [m.step for m in history] == steps
     assert [m.value for m in history] == pytest.approx([v for _, _, v in curve])
     # the last value scores the returned q: recomputed independently from the posterior's draws
@@ -182,7 +182,7 @@ def test_streamed_fit_logs_heldout_lpd_and_recovers_the_histogram_clusters(tmp_p
     assert curve[-1][2] == pytest.approx(again, abs=0.05)
     assert curve[-1][2] == pytest.approx(
         log_predictive_density(model, post.space, post.family, rows, 32,
-                               torch.Generator().manual_seed(post.info["options"]["seed"] + 29)), rel=1e-6)
+                               torch.Generator().manual_seed(post.info.options["seed"] + 29)), rel=1e-6)
     truth = meta["truth"]
     mean = post.mean(1000)
     cost = ((mean["loc"].numpy()[:, None] - np.array(truth["loc"])[None]) ** 2).sum(-1)

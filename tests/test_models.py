@@ -29,7 +29,7 @@ def test_builtin_model_recovers_the_truth(case):
     rows = make_rows(spec, truth, n, np.random.default_rng(1), dtype=np.float64)
     family = "fullrank" if case != "hierarchical_logistic_slopes" else "meanfield"
     post = svi.fit(build_model(spec), as_batch(spec, rows), family=family, seed=0)
-    assert post.info["converged"], post.info["reason"]
+    assert post.info.converged, post.info.reason
     s = post.summary(n=4000, seed=1)
     z = {}
     for name, value in truth.items():

@@ -41,11 +41,11 @@ def test_a_shown_fit_has_one_bar_per_phase_and_no_plain_lines(capsys, caplog):
     post = _fit(True)
     bars = _bars(capsys.readouterr().err)
     assert set(bars) == set(PHASES), bars
-    iterations = int(re.search(r"L-BFGS (\d+) iterations", post.info["warm_start"]).group(1))
+    iterations = int(re.search(r"L-BFGS (\d+) iterations", post.info.warm_start).group(1))
     assert re.search(rf"\b{iterations}it\b", bars["warm start"])  # one tick per L-BFGS iteration
     assert "log density" in bars["warm start"]
     assert "3.00k/3.00k" in bars["full-data pass"] and "3.00k/3.00k" in bars["k-hat"]  # rows done of the total
-    assert re.search(rf"\b{post.info['steps']}step\b", bars["fit"]) and "lr " in bars["fit"]
+    assert re.search(rf"\b{post.info.steps}step\b", bars["fit"]) and "lr " in bars["fit"]
     # the bars replace the plain lines that announce a phase
     assert not any(m.startswith(("warm start: L-BFGS towards", "full-data pass for")) for m in caplog.messages)
 

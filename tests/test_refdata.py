@@ -89,7 +89,7 @@ def _worst(mean_err, sd_ratio):
 def test_fullrank_matches_the_reference_posterior(case):
     model, data, ref, names = CASES[case]()
     post = svi.fit(model, data, family="fullrank", **({"seed": 0} | STARTS[case]))
-    assert post.info["converged"], post.info["reason"]
+    assert post.info.converged, post.info.reason
     (worst_mean, mean_err), (worst_sd, sd_err) = _worst(*_errors(post, ref, names))
     assert mean_err < MEAN_TOL, f"{worst_mean}: mean off by {mean_err:.3f} reference sd"
     assert sd_err < SD_TOL, f"{worst_sd}: sd ratio off 1 by {sd_err:.3f}"
@@ -99,7 +99,7 @@ def test_fullrank_matches_the_reference_posterior(case):
 def test_meanfield_means_match_the_reference_posterior(case):
     model, data, ref, names = CASES[case]()
     post = svi.fit(model, data, family="meanfield", **({"seed": 0} | STARTS[case]))
-    assert post.info["converged"], post.info["reason"]
+    assert post.info.converged, post.info.reason
     mean_err, sd_ratio = _errors(post, ref, names)
     (worst, err), _ = _worst(mean_err, sd_ratio)
     assert err < MEAN_TOL, f"{worst}: mean off by {err:.3f} reference sd"

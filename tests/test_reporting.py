@@ -68,12 +68,12 @@ def test_an_unconverged_fit_is_tagged_and_described_as_such(tmp_path, monkeypatc
                       tracking=True)
     good = svi.fit(svi.models.LinearRegression(3), data, tracking=True)
     uri = "sqlite:///mlflow.db"
-    tags = _tags(uri, bad.info["run_id"])
+    tags = _tags(uri, bad.info.run_id)
     assert tags["svi.status"].startswith("NOT converged") and tags["svi.converged"] == "false"
     assert tags["svi.stop_reason"] == "max_decays" and "gave up" in tags["mlflow.note.content"]
-    assert float(tags["svi.khat"]) == pytest.approx(bad.info["khat"], abs=1e-3)
-    tags = _tags(uri, good.info["run_id"])
-    assert good.info["converged"] and tags["svi.status"] == "converged" and tags["svi.converged"] == "true"
+    assert float(tags["svi.khat"]) == pytest.approx(bad.info.khat, abs=1e-3)
+    tags = _tags(uri, good.info.run_id)
+    assert good.info.converged and tags["svi.status"] == "converged" and tags["svi.converged"] == "true"
     assert tags["svi.stop_reason"] == "converged" and float(tags["svi.khat"]) < 0.5
     assert "khat" in good.summary(n=200).columns  # and the summary table shows it
 
@@ -87,8 +87,8 @@ def test_a_high_khat_is_warned_about_and_tagged(tmp_path, monkeypatch):
     data = {"x": x, "y": x.sum(1) + rng.normal(size=3000)}
     with pytest.warns(RuntimeWarning, match=r"PSIS k-hat = .* > 0.7.*family=fullrank"):
         post = svi.fit(svi.models.LinearRegression(4, noise=1.0), data, family="meanfield", tracking=True)
-    assert post.info["khat"] > 0.7
-    assert _tags("sqlite:///mlflow.db", post.info["run_id"])["svi.status"].endswith("k-hat high")
+    assert post.info.khat > 0.7
+    assert _tags("sqlite:///mlflow.db", post.info.run_id)["svi.status"].endswith("k-hat high")
 
 
 def test_a_logged_posterior_records_its_data_so_diagnose_by_run_uri_works(tmp_path, monkeypatch):
@@ -100,8 +100,8 @@ def test_a_logged_posterior_records_its_data_so_diagnose_by_run_uri_works(tmp_pa
     pd.DataFrame({"x0": x[:, 0], "x1": x[:, 1], "y": x @ [1.0, -1.0] + rng.normal(size=3000)}).to_parquet("d.parquet")
     post = svi.fit(svi.models.LinearRegression(2), "d.parquet", columns={"x": "x*", "y": "y"}, tracking=True,
                    khat_rows=0)
-    uri = f"runs:/{post.info['run_id']}/posterior"
+    uri = f"runs:/{post.info.run_id}/posterior"
     from svi.diagnostics import diagnose
 
     result = diagnose(uri, tracking_uri="sqlite:///mlflow.db", num_draws=500)
-    assert result.posterior.info["data_path"] == str(tmp_path / "d.parquet") and result.khat < 0.7
+    assert result.posterior.info.data_path == str(tmp_path / "d.parquet") and result.khat < 0.7

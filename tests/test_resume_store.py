@@ -76,7 +76,7 @@ def test_a_new_store_continues_in_a_new_run_from_the_checkpoint_step(tmp_path, m
     straight = _fit(tmp_path / "straight", 450)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_a)  # as a user would: the store comes from the environment
     first = _fit(tmp_path / "ck", 250, tracking=True)
-    old_run = first.info["run_id"]
+    old_run = first.info.run_id
     assert load_checkpoint(list_checkpoints(tmp_path / "ck")[-1])["tracking_uri"] == store_a
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_b)
@@ -85,7 +85,7 @@ def test_a_new_store_continues_in_a_new_run_from_the_checkpoint_step(tmp_path, m
     said = [line for line in log.lines if MISSING in line]
     assert len(said) == 1 and old_run in said[0] and "ckpt-000000250.pt" in said[0] and "step 250" in said[0]
 
-    new_run = resumed.info["run_id"]
+    new_run = resumed.info.run_id
     assert new_run != old_run
     b = MlflowClient(store_b)
     run = b.get_run(new_run)
@@ -103,14 +103,14 @@ def test_a_new_store_continues_in_a_new_run_from_the_checkpoint_step(tmp_path, m
     assert (tmp_path / "ck" / RUN_ID_FILE).read_text().strip() == new_run
     last = load_checkpoint(list_checkpoints(tmp_path / "ck")[-1])
     assert last["run_id"] == new_run and last["tracking_uri"] == store_b
-    assert resumed.info["steps"] == straight.info["steps"] == 450
+    assert resumed.info.steps == straight.info.steps == 450
     for p, q in zip(straight.family.parameters(), resumed.family.parameters()):
         assert torch.equal(p, q)  # the new run changes where metrics go, not the trajectory
 
 
 def test_missing_run_error_refuses_and_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/a.db")
-    old_run = _fit(tmp_path / "ck", 200, tracking=True).info["run_id"]
+    old_run = _fit(tmp_path / "ck", 200, tracking=True).info.run_id
     before = _snapshot(tmp_path / "ck")
 
     store_b = f"sqlite:///{tmp_path}/b.db"
@@ -130,7 +130,7 @@ def test_missing_run_error_refuses_and_writes_nothing(tmp_path, monkeypatch):
 def test_a_deleted_run_and_a_checkpoint_without_its_store_continue_in_a_new_run(tmp_path, monkeypatch):
     store = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    old_run = _fit(tmp_path / "ck", 200, tracking=True).info["run_id"]
+    old_run = _fit(tmp_path / "ck", 200, tracking=True).info.run_id
     path, payload = latest_checkpoint(tmp_path / "ck")
     del payload["tracking_uri"]  # a checkpoint written before the store was recorded
     path.unlink()
@@ -138,9 +138,9 @@ def test_a_deleted_run_and_a_checkpoint_without_its_store_continue_in_a_new_run(
     client = MlflowClient(store)
     client.delete_run(old_run)
     resumed = _fit(tmp_path / "ck", 300, tracking=True, resume=True, force_resume=True)
-    tags = client.get_run(resumed.info["run_id"]).data.tags
+    tags = client.get_run(resumed.info.run_id).data.tags
     assert tags["svi.resumed_from_run"] == old_run and tags["svi.resumed_from_store"] == "unknown"
-    assert min(m.step for m in client.get_metric_history(resumed.info["run_id"], "elbo")) > 200
+    assert min(m.step for m in client.get_metric_history(resumed.info.run_id, "elbo")) > 200
 
 
 # --- the command line and two ranks -----------------------------------------------------------------
@@ -159,7 +159,7 @@ def test_the_cli_refusal_is_one_line_with_exit_code_2(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/a.db")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        old_run = svi.fit_config(_job(tmp_path)[0], _job(tmp_path)[1:]).info["run_id"]
+        old_run = svi.fit_config(_job(tmp_path)[0], _job(tmp_path)[1:]).info.run_id
     before = _snapshot(tmp_path / "ck")
     store_b = f"sqlite:///{tmp_path}/b.db"
     more = ("max_steps=300", "fit.force_resume=true")  # continue the finished 200-step fit

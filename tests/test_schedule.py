@@ -152,7 +152,7 @@ def test_a_format_1_checkpoint_resumes_to_the_uninterrupted_fit(tmp_path):
     resumed = svi.fit(LogisticRegression(3), _logistic(), checkpoint_dir=str(folder), resume=True,
                       **FORMAT_1_OPTIONS)
     expected = json.loads((DATA / "uninterrupted.json").read_text())
-    assert resumed.info["steps"] == 400
+    assert resumed.info.steps == 400
     assert np.allclose(resumed.family.mean.numpy(), expected["mean"], rtol=0, atol=1e-6)
     assert np.allclose(resumed.family.stddev.numpy(), expected["stddev"], rtol=0, atol=1e-6)
     _, saved = latest_checkpoint(folder)  # the checkpoints written after the resume are today's format
@@ -177,7 +177,7 @@ def test_a_users_callback_sees_every_step_each_window_and_the_end():
     rec = Recorder()
     post = svi.fit(LogisticRegression(3), _logistic(rows=2000), family="meanfield", batch_size=128, khat_rows=0,
                    progress=False, callbacks=[rec])
-    steps = post.info["steps"]
+    steps = post.info.steps
     assert [s for s, _ in rec.steps] == list(range(1, steps + 1))
-    assert rec.windows == [tuple(h) for h in post.info["history"]]
-    assert rec.finished == [(steps, post.info["converged"])] and post.info["converged"]
+    assert rec.windows == [tuple(h) for h in post.info.history]
+    assert rec.finished == [(steps, post.info.converged)] and post.info.converged

@@ -42,10 +42,10 @@ def test_fit_logged_to_a_sqlite_store_reads_back(tmp_path, monkeypatch):
     post = svi.fit(svi.models.LinearRegression(2), _data(), family="fullrank", tracking=True,
                    checkpoint_dir="ck", checkpoint_every=200, register_model="linreg", run_name="sqlite-test")
     client = MlflowClient("sqlite:///mlflow.db")  # the embedded default, in the working folder
-    _check_run(client, post.info["run_id"], post, post.info["steps"] // 100 * 100)
-    assert client.get_run(post.info["run_id"]).info.run_name == "sqlite-test"
+    _check_run(client, post.info.run_id, post, post.info.steps // 100 * 100)
+    assert client.get_run(post.info.run_id).info.run_name == "sqlite-test"
     uri = "sqlite:///mlflow.db"
-    for source in (f"runs:/{post.info['run_id']}/posterior", "models:/linreg/1"):
+    for source in (f"runs:/{post.info.run_id}/posterior", "models:/linreg/1"):
         loaded = svi.load_posterior(source, tracking_uri=uri)
         assert all(torch.equal(a, b) for a, b in zip(loaded.sample(100, seed=3).values(),
                                                      post.sample(100, seed=3).values()))
@@ -63,8 +63,8 @@ def test_fit_logged_to_a_real_mlflow_server(server, tmp_path):
                    tracking_uri=server.uri, experiment="server-test", checkpoint_dir=str(tmp_path / "ck"),
                    checkpoint_every=200)
     client = MlflowClient(server.uri)
-    _check_run(client, post.info["run_id"], post, post.info["steps"] // 100 * 100)
-    loaded = svi.load_posterior(f"runs:/{post.info['run_id']}/posterior", tracking_uri=server.uri)
+    _check_run(client, post.info.run_id, post, post.info.steps // 100 * 100)
+    loaded = svi.load_posterior(f"runs:/{post.info.run_id}/posterior", tracking_uri=server.uri)
     assert torch.equal(loaded.family.mean, post.family.mean)
 
 
@@ -119,32 +119,32 @@ def test_a_server_lost_mid_run_then_back_gets_everything(server, tmp_path):
     # killed (kill -9) a third of the way in, back later: the outputs logged at the end wait on disk
     post, messages = _losing_fit(ServerKiller(server, stop_at=350, start_at=700), server, tmp_path / "ck")
     assert any("did not accept" in m for m in messages)
-    assert post.info["steps"] == 1200
+    assert post.info.steps == 1200
     assert list_checkpoints(tmp_path / "ck")[-1].name == "ckpt-000001200.pt"  # checkpoints stayed local
-    _complete_run(MlflowClient(server.uri), post.info["run_id"], post, server.uri)
+    _complete_run(MlflowClient(server.uri), post.info.run_id, post, server.uri)
     assert not list((tmp_path / "ck").glob("unsent-mlflow-*.jsonl"))
 
 
 @pytest.mark.slow  # ~35 s: waits out the sender's give-up time; the lost-then-back case stays in the suite
 def test_a_server_that_never_comes_back_is_synced_later(server, tmp_path):
     post, messages = _losing_fit(ServerKiller(server, stop_at=350), server, tmp_path / "ck", wait=3.0)
-    assert post.info["steps"] == 1200 and list_checkpoints(tmp_path / "ck")
+    assert post.info.steps == 1200 and list_checkpoints(tmp_path / "ck")
     spool = list((tmp_path / "ck").glob("unsent-mlflow-*.jsonl"))
     assert len(spool) == 1 and any("stayed unreachable" in m and "svi sync" in m for m in messages)
     header, ops = read_spool(spool[0])
-    assert header["run_id"] == post.info["run_id"] and ops[-1] == {"op": "status", "status": "FINISHED"}
+    assert header["run_id"] == post.info.run_id and ops[-1] == {"op": "status", "status": "FINISHED"}
     unsent = {step for op in ops if op["op"] == "metrics" for key, _, _, step in op["metrics"] if key == "elbo"}
     assert unsent >= {400, 800, 1200}
     assert {"posterior", "summary.csv"} <= {Path(op["path"]).name for op in ops if op["op"] == "artifact"}
     assert MlflowClient(server.uri if server.proc else "sqlite:///" + str(server.folder / "store.db")).get_run(
-        post.info["run_id"]).info.status == "RUNNING"  # not a false "finished" while the outputs are missing
+        post.info.run_id).info.status == "RUNNING"  # not a false "finished" while the outputs are missing
     res = subprocess.run([sys.executable, "-m", "svi", "sync", str(tmp_path / "ck")], capture_output=True, text=True)
     assert res.returncode == 2 and "run svi sync again" in res.stderr and spool[0].is_file()  # still down
     server.start()
     res = subprocess.run([sys.executable, "-m", "svi", "sync", str(tmp_path / "ck")], capture_output=True, text=True)
     assert res.returncode == 0 and "status FINISHED" in res.stdout, res.stderr
     assert not spool[0].exists()
-    _complete_run(MlflowClient(server.uri), post.info["run_id"], post, server.uri)
+    _complete_run(MlflowClient(server.uri), post.info.run_id, post, server.uri)
 
 
 def test_a_resumed_run_sends_what_an_outage_spooled(tmp_path):
@@ -183,8 +183,8 @@ def test_registration_does_not_depend_on_mlflows_default_store(tmp_path, monkeyp
     post = svi.fit(svi.models.LinearRegression(2), frame, columns={"x": ["a", "b"], "y": "y"}, tracking=True,
                    tracking_uri=store, register_model="m", max_steps=300, progress=False)
     client = MlflowClient(store)
-    assert client.get_run(post.info["run_id"]).info.status == "FINISHED"
-    assert client.get_model_version("m", "1").run_id == post.info["run_id"]
+    assert client.get_run(post.info.run_id).info.status == "FINISHED"
+    assert client.get_model_version("m", "1").run_id == post.info.run_id
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     inputs = mlflow.models.get_model_info("models:/m/1").signature.inputs.input_names()
     assert inputs == ["a", "b"]

@@ -90,9 +90,9 @@ def test_valid_labels_of_any_numeric_type_still_fit(tmp_path):
     _write(tmp_path / "a.parquet", {"x0": x[:, 0], "x1": x[:, 1], "y": y.astype(bool)}, [100, 100])
     post = svi.fit(svi.models.LogisticRegression(2), str(tmp_path / "a.parquet"), columns={"x": "x*", "y": "y"},
                    cache_dir=str(tmp_path / "cache"), **FAST)
-    assert post.info["num_rows"] == 200
+    assert post.info.num_rows == 200
     post = svi.fit(svi.models.LogisticRegression(2), {"x": x, "y": y.astype(np.int64)}, **FAST)
-    assert post.info["num_rows"] == 200
+    assert post.info.num_rows == 200
 
 
 def test_poisson_counts_must_be_non_negative_integers(tmp_path):
@@ -179,7 +179,7 @@ def test_a_user_model_declares_its_own_checks(tmp_path):
     with pytest.raises(DataError, match=r"key 'y' has 1 value .*\(e\.g\. 0\): durations y must be positive"):
         svi.fit(PositiveDurations(), {"x": x.clip(0, 1), "y": y}, **FAST)
     post = svi.fit(PositiveDurations(), {"x": x.clip(0, 1), "y": np.abs(y) + 0.1}, **FAST)
-    assert post.info["num_rows"] == 100
+    assert post.info.num_rows == 100
     with pytest.raises(svi.ModelError, match=r"BrokenHook\.validate returned for key 'y' a torch\.float\d+ mask"):
         svi.fit(BrokenHook(), {"x": x.clip(0, 1), "y": np.abs(y) + 0.1}, **FAST)
 
@@ -227,7 +227,7 @@ def test_a_tampered_counts_cache_is_detected_and_recomputed(tmp_path, caplog):
     model = svi.models.LinearRegression(1)
     with caplog.at_level(logging.WARNING, logger="svi"):
         post = svi.fit(model, str(tmp_path / "a.parquet"), **kw, **FAST)
-    assert post.info["num_rows"] == 60
+    assert post.info.num_rows == 60
     assert any(str(cache) in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records), caplog.text
     assert json.loads(cache.read_text())["value"] == [0, 60]  # rewritten
 
@@ -257,7 +257,7 @@ def test_a_cache_of_a_file_rewritten_in_place_is_not_used(tmp_path, caplog):
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert os.stat(path).st_size == before.st_size and os.stat(path).st_mtime_ns == before.st_mtime_ns
     post = svi.fit(svi.models.LinearRegression(1), str(path), **kw, **FAST)
-    assert post.info["num_rows"] == 90
+    assert post.info.num_rows == 90
     second = ParquetSource(str(path), keys=("x", "y"), **kw)
     assert second.cache_key("counts") != old_key and second.cache_file("counts") != old_cache
     # the old record copied under the new name is refused: its key names the old footer

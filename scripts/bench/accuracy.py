@@ -187,7 +187,7 @@ def run_svi(case, family, steps):
     seconds = time.perf_counter() - t
     s = post.summary(n=DRAWS)
     fit = {r: (s.loc[n, "mean"], s.loc[n, "sd"]) for n, r in case.svi_names.items()}
-    return fit, seconds, post.info["steps"]
+    return fit, seconds, post.info.steps
 
 
 @dataclass

@@ -166,8 +166,8 @@ def run(name: str, config: str, refs, data_dir: Path, ref_dir: Path = REF_DIR) -
     out = compare(draws, ref)
     out["hyper"] = {k: (float(draws[k].mean()), float(draws[k].std(ddof=1)), ref[k]["mean"], ref[k]["sd"])
                     for k in ref if not k.startswith(("intercept", "slope"))}
-    out.update(steps=post.info["steps"], converged=post.info["converged"], seconds=seconds,
-               warm_start=post.info.get("warm_start", ""), reason=post.info.get("reason", ""))
+    out.update(steps=post.info.steps, converged=post.info.converged, seconds=seconds,
+               warm_start=post.info.warm_start, reason=post.info.reason)
     return out
 
 

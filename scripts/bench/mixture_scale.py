@@ -16,7 +16,7 @@ scale_kd), the assignment marginalised (``svi.models.GaussianMixture(K, n_featur
 Methods (``--only``, comma list):
 
 * ``svi``: ``svi.fit`` with its defaults, the training rows streamed from Parquet
-  (``in_memory_rows=0``), held-out lpd every ``--heldout-every`` steps (``post.info["heldout_lpd"]``),
+  (``in_memory_rows=0``), held-out lpd every ``--heldout-every`` steps (``post.info.heldout_lpd``),
   stopped by its own convergence rule (no budget).
 * ``numpyro_documented``: the model in NumPyro (``MixtureSameFamily`` of ``Normal(...).to_event(1)``,
   which marginalises the assignment with logsumexp), the rows in memory as one array read with
@@ -233,9 +233,9 @@ def run_svi(args, folder: Path, held: Path) -> dict:
                        heldout_every=args.heldout_every, in_memory_rows=0, tracking=False, progress=False)
     total_raw = time.perf_counter() - t0
     peak = peak_rss_mb()
-    raw = [tuple(map(float, p)) for p in post.info["heldout_lpd"]]  # (step, seconds since svi.fit, lpd)
+    raw = [tuple(map(float, p)) for p in post.info.heldout_lpd]  # (step, seconds since svi.fit, lpd)
     if not raw:
-        raise RuntimeError("svi.fit returned no held-out curve (post.info['heldout_lpd'] is empty)")
+        raise RuntimeError("svi.fit returned no held-out curve (post.info.heldout_lpd is empty)")
 
     # the cost of one of svi's held-out evaluations, as the fit ran them (its threads, its dtype, its draws)
     yh = torch.from_numpy(load_rows(held, args.features))
@@ -244,7 +244,7 @@ def run_svi(args, folder: Path, held: Path) -> dict:
     costs = []
     for _ in range(3):
         t = time.perf_counter()
-        svi_final = log_predictive_density(model, post.space, post.family, {"y": yh}, post.info["options"]
+        svi_final = log_predictive_density(model, post.space, post.family, {"y": yh}, post.info.options
                                            ["heldout_draws"], torch.Generator().manual_seed(SEED + 29))
         costs.append(time.perf_counter() - t)
     torch.set_num_threads(threads)
@@ -255,8 +255,8 @@ def run_svi(args, folder: Path, held: Path) -> dict:
     draws = {k: v.numpy() for k, v in post.sample(DRAWS, seed=SEED + 1).items()}
     cross = make_scorer(yh.numpy())(draws)
     info = post.info
-    notes = [f"{info['steps']} steps, {'converged' if info['converged'] else 'NOT converged: ' + info['stop_reason']}",
-             f"batch {info['batch_size']}, streamed", f"warm start: {info['warm_start']}",
+    notes = [f"{info.steps} steps, {'converged' if info.converged else 'NOT converged: ' + info.stop_reason}",
+             f"batch {info.batch_size}, streamed", f"warm start: {info.warm_start}",
              f"{total_raw - raw[-1][1]:.1f} s after the last curve point (end-of-fit PSIS k-hat)"]
     notes += [f"warning: {w.message}"[:200] for w in caught if issubclass(w.category, RuntimeWarning)]
     return {"curve": curve, "raw_curve": [(t, lpd, step) for step, t, lpd in raw],

@@ -74,7 +74,7 @@ def fit(path: Path, steps: int, compiled: bool = False) -> dict:
     post = svi.fit(svi.models.LogisticRegression(D), str(path), columns=meta["columns"], family="meanfield",
                    batch_size=B, in_memory_rows=0, max_steps=steps, tol_param=1e-9, progress=False,
                    cache_dir=str(path / ".cache"), compile=compiled, log_every=100, tracker=tracker)
-    return {"rows_per_s": float(np.median(tracker.values)), "steps": post.info["steps"], "peak_rss_mb": _peak_mb()}
+    return {"rows_per_s": float(np.median(tracker.values)), "steps": post.info.steps, "peak_rss_mb": _peak_mb()}
 
 
 def _peak_mb() -> float:
