@@ -10,11 +10,13 @@ the key and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import json
 import os
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -25,7 +27,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from svi.checkpoint import JOB_FILE
 from svi.distributed import launch_rank
-from svi.options import FitOptions, OptionsError, suggest
+from svi.options import FitOptions, OptionsError, specs, suggest
 
 __all__ = ["JobConfig", "ConfigError", "load_config", "fit_config", "build_model", "fit_options", "JOB_FILE"]
 
@@ -57,43 +59,40 @@ class MakeConfig:
     heldout: int = 0  # rows written to <data.path>-heldout (for data.heldout)
 
 
-@dataclass
-class DataConfig:
-    path: str = MISSING  # Parquet file, glob or folder (local or fsspec URL)
-    columns: Dict[str, Any] = field(default_factory=dict)
-    make: Optional[MakeConfig] = None
-    row_filter: Optional[List[Any]] = None
-    scheduler: Optional[str] = None  # Dask distributed scheduler address
-    standardize: List[str] = field(default_factory=list)
-    in_memory_rows: int = 1_000_000
-    shuffle_units: int = 4
-    prefetch: int = 4
-    nan_policy: str = "error"
-    storage_options: Optional[Dict[str, Any]] = None
-    cache_dir: Optional[str] = None
-    heldout: Optional[str] = None  # Parquet rows kept out of the fit, scored as heldout_lpd
-    heldout_rows: int = 10_000
-    heldout_every: int = 500
-    heldout_draws: int = 32
+def _yaml_type(t):
+    """An OmegaConf-friendly annotation for a FitOptions type (bare list/dict typed, other unions Any)."""
+    if t is list:
+        return List[Any]
+    if t is dict:
+        return Dict[str, Any]
+    args = typing.get_args(t)
+    if typing.get_origin(t) is typing.Union:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and len(rest) < len(args):
+            return Optional[_yaml_type(rest[0])]
+        return Any
+    return t
 
 
-@dataclass
-class TrackingConfig:
-    enabled: bool = True
-    uri: Optional[str] = None  # MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    missing_run: str = "new"  # a checkpoint's run not in this store: "new" run there, or "error"
-    wait: float = 30.0  # seconds the end of a fit waits for a lost server before spooling for `svi sync`
-    experiment: str = "svi"
-    run_name: Optional[str] = None
-    system_metrics: bool = False
-    register_model: Optional[str] = None
+def _section(name: str, section: str, extra: Sequence[tuple] = ()):
+    """The structured config of one job section, generated from the FitOptions declarations
+    (svi.options.option) after ``extra`` fields the section has beyond fit options."""
+    fields = list(extra)
+    for s in specs():
+        if s.section == section:
+            d = s.job_default
+            f = field(default_factory=lambda d=d: copy.deepcopy(d)) if isinstance(d, (list, dict)) else field(default=d)
+            fields.append((s.key, _yaml_type(s.type), f))
+    return dataclasses.make_dataclass(name, fields, namespace={"__module__": __name__})
 
 
-@dataclass
-class CheckpointConfig:
-    dir: Optional[str] = None
-    every: int = 1000
-    keep: int = 3
+DataConfig = _section("DataConfig", "data", [
+    ("path", str, field(default=MISSING)),  # Parquet file, glob or folder (local or fsspec URL)
+    ("columns", Dict[str, Any], field(default_factory=dict)),
+    ("make", Optional[MakeConfig], field(default=None)),
+])
+TrackingConfig = _section("TrackingConfig", "tracking")
+CheckpointConfig = _section("CheckpointConfig", "checkpoint")
 
 
 @dataclass
@@ -110,23 +109,15 @@ class JobConfig:
     fit: Dict[str, Any] = field(default_factory=dict)  # any svi.FitOptions field
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    resume: Any = "auto"  # true | false | auto
+    resume: Any = next(s.job_default for s in specs() if s.name == "resume")  # true | false | auto
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
 _SECTIONS = {f.name for f in dataclasses.fields(JobConfig)}
 _FIT_KEYS = {f.name for f in dataclasses.fields(FitOptions)}
-# fit options that the data, tracking and checkpoint sections set
-_ELSEWHERE = {
-    **{k: f"data.{k}" for k in ("row_filter", "scheduler", "standardize", "in_memory_rows", "shuffle_units", "prefetch",
-                                "nan_policy", "storage_options", "cache_dir", "heldout", "heldout_rows",
-                                "heldout_every", "heldout_draws")},
-    "tracking": "tracking.enabled", "tracking_uri": "tracking.uri", "missing_run": "tracking.missing_run", "tracking_wait": "tracking.wait",
-    "experiment": "tracking.experiment",
-    "run_name": "tracking.run_name", "system_metrics": "tracking.system_metrics",
-    "register_model": "tracking.register_model", "checkpoint_dir": "checkpoint.dir",
-    "checkpoint_every": "checkpoint.every", "keep_checkpoints": "checkpoint.keep", "resume": "resume (top level)",
-}
+_PATH = {s.name: s.path for s in specs()}  # each fit option's key in a job config
+# fit options that the data, tracking and checkpoint sections (or the top level) set
+_ELSEWHERE = {s.name: s.path if s.section != "job" else f"{s.path} (top level)" for s in specs() if s.section != "fit"}
 
 
 def _normalise_overrides(overrides: Sequence[str]) -> list[str]:
@@ -206,26 +197,17 @@ def fit_options(cfg: DictConfig) -> FitOptions:
     misplaced = sorted(set(fit) & set(_ELSEWHERE))
     if misplaced:
         raise ConfigError(f"config key 'fit.{misplaced[0]}' belongs in another section: {_ELSEWHERE[misplaced[0]]}")
-    d, t, c = cfg.data, cfg.tracking, cfg.checkpoint
-    values = {
-        **fit,
-        "row_filter": OmegaConf.to_container(d.row_filter) if d.row_filter is not None else None,
-        "scheduler": d.scheduler, "standardize": list(d.standardize), "in_memory_rows": d.in_memory_rows,
-        "shuffle_units": d.shuffle_units, "prefetch": d.prefetch, "nan_policy": d.nan_policy,
-        "storage_options": OmegaConf.to_container(d.storage_options) if d.storage_options is not None else None,
-        "cache_dir": d.cache_dir, "heldout": d.heldout, "heldout_rows": d.heldout_rows,
-        "heldout_every": d.heldout_every, "heldout_draws": d.heldout_draws,
-        "tracking": t.enabled, "tracking_uri": t.uri, "missing_run": t.missing_run, "tracking_wait": t.wait,
-        "experiment": t.experiment,
-        "run_name": t.run_name or cfg.name,  # the job's name, not MLflow's random one
-        "system_metrics": t.system_metrics, "register_model": t.register_model,
-        "checkpoint_dir": c.dir, "checkpoint_every": c.every, "keep_checkpoints": c.keep,
-        "resume": cfg.resume if c.dir else False,
-    }
+    values = dict(fit)
+    for s in specs():
+        if s.section != "fit":
+            value = (cfg if s.section == "job" else cfg[s.section])[s.key]
+            values[s.name] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    if not cfg.checkpoint.dir:  # the job default resume="auto" only means something with a checkpoint folder
+        values["resume"] = False
     try:
         return FitOptions.from_dict(values)
     except OptionsError as e:
-        raise ConfigError(str(e).replace("option ", "config key fit.", 1)) from None
+        raise ConfigError(f"config key {e.naming(_PATH.get(e.key, e.key))}" if e.key in _PATH else str(e)) from None
 
 
 def build_model(cfg: DictConfig):

@@ -14,11 +14,64 @@ from typing import Any, Optional, Union
 
 from svi.families import AUTO, FAMILIES
 
-__all__ = ["FitOptions", "OptionsError", "STAN_ADVI", "SAFE_TO_CHANGE", "suggest"]
+__all__ = ["FitOptions", "OptionsError", "STAN_ADVI", "SAFE_TO_CHANGE", "SECTIONS", "Spec", "option", "specs", "suggest"]
 
 
 class OptionsError(ValueError):
-    """An unknown option, a wrong type or a bad value; names the key and what is allowed."""
+    """An unknown option, a wrong type or a bad value; names the key and what is allowed.
+
+    ``key`` is the FitOptions field at fault (``None`` when no single one is); ``value`` and
+    ``allowed`` are set for a bad value, so a job config can name the key as the user wrote it
+    (:meth:`naming`).
+    """
+
+    def __init__(self, message: str, *, key: Optional[str] = None, value: Any = None, allowed: Optional[str] = None):
+        super().__init__(message)
+        self.key, self.value, self.allowed = key, value, allowed
+
+    def naming(self, name: str) -> str:
+        """The message with the key called ``name`` (a job config's ``checkpoint.every``)."""
+        if self.allowed is None:
+            return str(self)
+        return f"{name}={self.value!r} is not allowed: {self.allowed}"
+
+
+#: where a fit option lives in a job config: the sections of its YAML; ``job`` is the top level
+SECTIONS = ("fit", "data", "tracking", "checkpoint", "job")
+#: a job default standing for the job's ``name`` (an OmegaConf interpolation in the job schema)
+JOB_NAME = "${name}"
+_SAME = object()  # no job default: a job config starts from the Python default
+
+
+def option(default: Any, section: str = "fit", *, key: Optional[str] = None, job_default: Any = _SAME,
+           safe: bool = False):
+    """A FitOptions field: its default (given once), where a job config sets it (``section.key``;
+    ``key`` defaults to the field's name), a job default where a job must start elsewhere, and
+    whether a resume may change it (``safe``, see :data:`SAFE_TO_CHANGE`)."""
+    if section not in SECTIONS:
+        raise ValueError(f"section {section!r} is not one of {SECTIONS}")
+    metadata = {"section": section, "key": key, "job_default": job_default, "safe_to_change": safe}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One fit option as the job schema sees it (:func:`specs`)."""
+
+    name: str  # the FitOptions field (svi.fit's keyword)
+    section: str  # one of SECTIONS
+    key: str  # its key in that section
+    default: Any  # FitOptions's default
+    job_default: Any  # a job config's default (== default unless declared otherwise)
+    type: Any  # the field's type, resolved
+    safe_to_change: bool
+
+    @property
+    def path(self) -> str:
+        """The key as a job config's user writes it: ``checkpoint.every``, ``fit.lr``, ``resume``."""
+        return self.key if self.section == "job" else f"{self.section}.{self.key}"
 
 
 @dataclass(frozen=True)
@@ -109,72 +162,78 @@ class FitOptions:
         experiment, run_name: MLflow experiment and run names.
         system_metrics: also log MLflow system metrics (CPU, memory, GPU).
         register_model: register the fitted posterior in the MLflow model registry under this name.
+
+    Each field is declared with :func:`option`: its default, and where a YAML job config sets it
+    (``fit.<name>`` unless it says otherwise, e.g. ``tracking_uri`` is ``tracking.uri``); the job
+    schema (``svi.config``) is generated from these declarations. A job starts from the same
+    defaults except the declared job defaults: ``tracking`` is on (a job is a tracked run), ``resume``
+    is ``"auto"`` (when ``checkpoint.dir`` is set) and ``run_name`` is the job's ``name``.
     """
 
-    family: str = AUTO
-    rank: int = 2
-    max_steps: int = 20000
-    batch_size: Optional[int] = None
-    num_particles: int = 1
-    seed: int = 0
-    optimizer: str = "adam"
-    lr: Union[float, str] = 0.1
-    optimizer_options: dict = field(default_factory=dict)
-    lr_schedule: Optional[dict] = None
-    convergence: str = "posterior"
-    window: int = 100
-    tol_param: float = 0.05
-    lr_decay: float = 0.5
-    max_decays: int = 10
-    averaging: bool = True
-    stl: Union[bool, str] = "auto"
-    antithetic: bool = True
-    control_variate: bool = True
-    tol_rel_obj: float = 0.01
-    eval_elbo: int = 100
-    elbo_samples: int = 100
-    eval_rows: int = 10000
-    adapt_iter: int = 50
-    warm_start: str = "laplace"
-    warm_start_rows: int = 200_000
-    warm_start_draws: int = 64
-    init_scale: float = 0.1
-    init: float = 0.0
-    dtype: str = "float32"
-    device: str = "cpu"
-    nan_policy: str = "error"
-    row_filter: Optional[list] = None
-    scheduler: Optional[str] = None
-    storage_options: Optional[dict] = None
-    cache_dir: Optional[str] = None
-    in_memory_rows: int = 1_000_000
-    standardize: list = field(default_factory=list)
-    shuffle_units: int = 4
-    prefetch: int = 4
-    nonfinite_patience: int = 20
-    max_nonfinite_restores: int = 5
-    heldout: Optional[str] = None
-    heldout_rows: int = 10_000
-    heldout_every: int = 500
-    heldout_draws: int = 32
-    log_every: int = 100
-    khat_rows: int = 50_000
-    compile: bool = False
-    threads: Optional[int] = None
-    progress: Union[bool, str] = "auto"
-    checkpoint_dir: Optional[str] = None
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    resume: Union[bool, str] = False
-    force_resume: bool = False
-    tracking: bool = False
-    tracking_uri: Optional[str] = None
-    missing_run: str = "new"
-    tracking_wait: float = 30.0
-    experiment: str = "svi"
-    run_name: Optional[str] = None
-    system_metrics: bool = False
-    register_model: Optional[str] = None
+    family: str = option(AUTO)
+    rank: int = option(2)
+    max_steps: int = option(20000, safe=True)
+    batch_size: Optional[int] = option(None)
+    num_particles: int = option(1)
+    seed: int = option(0)
+    optimizer: str = option("adam")
+    lr: Union[float, str] = option(0.1)
+    optimizer_options: dict = option(dict())
+    lr_schedule: Optional[dict] = option(None)
+    convergence: str = option("posterior")
+    window: int = option(100)
+    tol_param: float = option(0.05)
+    lr_decay: float = option(0.5)
+    max_decays: int = option(10)
+    averaging: bool = option(True)
+    stl: Union[bool, str] = option("auto")
+    antithetic: bool = option(True)
+    control_variate: bool = option(True)
+    tol_rel_obj: float = option(0.01)
+    eval_elbo: int = option(100)
+    elbo_samples: int = option(100)
+    eval_rows: int = option(10000)
+    adapt_iter: int = option(50)
+    warm_start: str = option("laplace")
+    warm_start_rows: int = option(200_000)
+    warm_start_draws: int = option(64)
+    init_scale: float = option(0.1)
+    init: float = option(0.0)
+    dtype: str = option("float32")
+    device: str = option("cpu")
+    nan_policy: str = option("error", "data")
+    row_filter: Optional[list] = option(None, "data")
+    scheduler: Optional[str] = option(None, "data", safe=True)
+    storage_options: Optional[dict] = option(None, "data", safe=True)
+    cache_dir: Optional[str] = option(None, "data", safe=True)
+    in_memory_rows: int = option(1_000_000, "data")
+    standardize: list = option(list(), "data")
+    shuffle_units: int = option(4, "data")
+    prefetch: int = option(4, "data", safe=True)
+    nonfinite_patience: int = option(20)
+    max_nonfinite_restores: int = option(5)
+    heldout: Optional[str] = option(None, "data", safe=True)
+    heldout_rows: int = option(10_000, "data", safe=True)
+    heldout_every: int = option(500, "data", safe=True)
+    heldout_draws: int = option(32, "data", safe=True)
+    log_every: int = option(100, safe=True)
+    khat_rows: int = option(50_000, safe=True)
+    compile: bool = option(False, safe=True)
+    threads: Optional[int] = option(None, safe=True)
+    progress: Union[bool, str] = option("auto", safe=True)
+    checkpoint_dir: Optional[str] = option(None, "checkpoint", key="dir", safe=True)
+    checkpoint_every: int = option(1000, "checkpoint", key="every", safe=True)
+    keep_checkpoints: int = option(3, "checkpoint", key="keep", safe=True)
+    resume: Union[bool, str] = option(False, "job", job_default="auto", safe=True)
+    force_resume: bool = option(False, safe=True)
+    tracking: bool = option(False, "tracking", key="enabled", job_default=True, safe=True)
+    tracking_uri: Optional[str] = option(None, "tracking", key="uri", safe=True)
+    missing_run: str = option("new", "tracking", safe=True)
+    tracking_wait: float = option(30.0, "tracking", key="wait", safe=True)
+    experiment: str = option("svi", "tracking", safe=True)
+    run_name: Optional[str] = option(None, "tracking", job_default=JOB_NAME, safe=True)
+    system_metrics: bool = option(False, "tracking", safe=True)
+    register_model: Optional[str] = option(None, "tracking", safe=True)
 
     def __post_init__(self):
         _check(self)
@@ -184,7 +243,8 @@ class FitOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise OptionsError(f"unknown option {unknown[0]!r}; {suggest(unknown[0], known, 'known options')}")
+            raise OptionsError(f"unknown option {unknown[0]!r}; {suggest(unknown[0], known, 'known options')}",
+                               key=unknown[0])
         return cls(**values)
 
     def replace(self, **changes) -> "FitOptions":
@@ -204,13 +264,23 @@ def suggest(word: str, choices, what: str = "choices") -> str:
     return f"{what} are {', '.join(sorted(choices))}"
 
 
+def specs() -> list[Spec]:
+    """Every fit option with its job-config section, key and defaults, in field order."""
+    import typing
+
+    hints = typing.get_type_hints(FitOptions)
+    out = []
+    for f in dataclasses.fields(FitOptions):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        job = f.metadata["job_default"]
+        out.append(Spec(f.name, f.metadata["section"], f.metadata["key"] or f.name, default,
+                        default if job is _SAME else job, hints[f.name], f.metadata["safe_to_change"]))
+    return out
+
+
 #: options that may differ between a checkpoint and the run resuming it (with force_resume): they
-#: change how long the fit runs or what it reports, not the trajectory it follows.
-SAFE_TO_CHANGE = frozenset({"max_steps", "log_every", "progress", "checkpoint_dir", "checkpoint_every",
-                            "keep_checkpoints", "resume", "force_resume", "tracking", "tracking_uri", "experiment",
-                            "run_name", "system_metrics", "register_model", "compile", "prefetch", "scheduler",
-                            "storage_options", "cache_dir", "threads", "missing_run", "tracking_wait", "khat_rows",
-                            "heldout", "heldout_rows", "heldout_every", "heldout_draws"})
+#: change how long the fit runs or what it reports, not the trajectory it follows (``safe=True``).
+SAFE_TO_CHANGE = frozenset(f.name for f in dataclasses.fields(FitOptions) if f.metadata["safe_to_change"])
 
 STAN_ADVI = dict(warm_start="none", optimizer="stan", lr="auto", convergence="stan", stl=False, averaging=False,
                  antithetic=False, control_variate=False, init_scale=1.0)
@@ -218,7 +288,7 @@ STAN_ADVI = dict(warm_start="none", optimizer="stan", lr="auto", convergence="st
 
 def _check(o: FitOptions) -> None:
     def bad(key, value, allowed):
-        raise OptionsError(f"option {key}={value!r} is not allowed: {allowed}")
+        raise OptionsError(f"option {key}={value!r} is not allowed: {allowed}", key=key, value=value, allowed=allowed)
 
     def positive_int(key):
         v = getattr(o, key)
