@@ -12,8 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -24,8 +22,7 @@ import torch
 from svi import distributed as dist
 from svi import progress
 from svi.callbacks import Callback
-from svi.checkpoint import (JOB_FILE, Checkpointer, atomic_write_text, check_compatible, find_resume, is_file, join,
-                            local_folder)
+from svi.checkpoint import (JOB_FILE, Checkpointer, atomic_write_text, check_compatible, find_resume, is_file, join)
 from svi.data.columns import DataError
 from svi.data.parquet import ParquetSource
 from svi.data.source import open_source, raise_if_unknown, standardize
@@ -35,7 +32,7 @@ from svi.fitrecord import FitRecord
 from svi.model import Model, ModelError, check_model_outputs
 from svi.options import SAFE_TO_CHANGE, FitOptions
 from svi.posterior import Posterior, load_posterior
-from svi.tracking import MLflowTracker, Tracker, fit_status_tags, log_fit_start, tracker_for_fit
+from svi.tracking import Tracker, fit_status_tags, log_fit_outputs, log_fit_start, tracker_for_fit
 from svi.trainer import (FitContext, TrainState, build_family, default_callbacks, group_effect_advice, init_state, load_state_dict,
                          search_stan_eta, state_dict, train)
 from svi.transforms import ParamSpace
@@ -233,7 +230,7 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
             if opts.checkpoint_dir:  # what a finished job run again hands back (_finished_posterior)
                 post.save(join(opts.checkpoint_dir, FINISHED_POSTERIOR))
             tracker.set_tags(fit_status_tags(post.info))
-            _log_outputs(post, tracker, opts)
+            log_fit_outputs(post, tracker, opts)
         tracker.finish("FINISHED")
         return post
     except BaseException:
@@ -398,53 +395,3 @@ def _end_of_fit_khat(post: Posterior, source, opts: FitOptions) -> dict[str, Any
         warnings.warn(f"svi: PSIS k-hat = {result.khat:.2f} > 0.7: q is far from the posterior, do not trust its "
                       f"draws. Try family=fullrank{group_effect_advice(post.space)}", RuntimeWarning, stacklevel=3)
     return khat
-
-
-def _log_outputs(post: Posterior, tracker: Tracker, opts: FitOptions) -> None:
-    """Posterior, summary table, ELBO plot and config as run artifacts; the posterior registered
-    in the model registry when asked.
-
-    The files are written to the run's own folder first (``<checkpoint_dir>/outputs``, else a
-    temporary folder removed once everything is sent) and uploaded from there in the tracker's
-    background thread, so a tracking outage loses none of them: what is unsent is spooled by
-    path and ``svi sync`` uploads it later.
-    """
-    if not isinstance(tracker, MLflowTracker):
-        return
-    from svi.posterior import save_mlflow_model
-
-    if local_folder(opts.checkpoint_dir):  # uploads read local files: a remote folder gets a temporary one
-        folder = local_folder(opts.checkpoint_dir) / "outputs"
-        shutil.rmtree(folder, ignore_errors=True)  # a resumed fit's outputs replace the earlier ones
-        folder.mkdir(parents=True)
-    else:
-        folder = Path(tempfile.mkdtemp(prefix="svi-outputs-"))
-        tracker.remove_when_sent(folder)
-    save_mlflow_model(post, folder / "posterior")
-    tracker.log_artifact(str(folder / "posterior"), "posterior")
-    post.summary().to_csv(folder / "summary.csv", float_format="%.6g")  # Monte Carlo error is far above 17 digits
-    tracker.log_artifact(str(folder / "summary.csv"))
-    (folder / "config.json").write_text(json.dumps(dataclasses.asdict(opts), indent=1, default=str))
-    tracker.log_artifact(str(folder / "config.json"))
-    if post.info.history:
-        _elbo_plot(post.info.history, folder / "elbo.png")
-        tracker.log_artifact(str(folder / "elbo.png"))
-    if opts.register_model:  # a logged model of the run, so the registry shows its signature
-        tracker.register_model(opts.register_model, folder / "posterior")
-
-
-def _elbo_plot(history, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps, values = zip(*history)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, values)
-    ax.set_xlabel("step")
-    ax.set_ylabel("ELBO (window mean)")
-    ax.set_title("svi fit")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

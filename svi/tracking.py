@@ -32,7 +32,7 @@ from svi.fitrecord import FitRecord
 
 __all__ = ["Tracker", "NullTracker", "MLflowTracker", "TrackingError", "RunNotFoundError", "flatten",
            "DEFAULT_TRACKING_URI", "apply_op", "read_spool", "write_spool", "sync", "fit_status_tags", "tracker_for_fit",
-           "log_fit_start", "RUN_ID_FILE"]
+           "log_fit_start", "log_fit_outputs", "elbo_plot", "RUN_ID_FILE"]
 
 log = logging.getLogger("svi")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -604,6 +604,61 @@ def log_fit_start(tracker: Tracker, opts, model, space, fingerprints: Mapping[st
         tracker.set_tags({"svi.checkpoint_dir": os.path.abspath(local) if local is not None else opts.checkpoint_dir})
         if local is not None and (local / JOB_FILE).is_file():  # a remote job.yaml stays beside its checkpoints
             tracker.log_artifact(str(local / JOB_FILE))
+
+
+def log_fit_outputs(post, tracker: Tracker, opts) -> None:
+    """Posterior, summary table, ELBO plot and config as run artifacts; the posterior registered
+    in the model registry when asked.
+
+    The files are written to the run's own folder first (``<checkpoint_dir>/outputs``, else a
+    temporary folder removed once everything is sent) and uploaded from there in the tracker's
+    background thread, so a tracking outage loses none of them: what is unsent is spooled by
+    path and ``svi sync`` uploads it later.
+    """
+    if not isinstance(tracker, MLflowTracker):
+        return
+    import dataclasses
+    import tempfile
+
+    from svi.checkpoint import local_folder
+    from svi.posterior import save_mlflow_model
+
+    if local_folder(opts.checkpoint_dir):  # uploads read local files: a remote folder gets a temporary one
+        folder = local_folder(opts.checkpoint_dir) / "outputs"
+        shutil.rmtree(folder, ignore_errors=True)  # a resumed fit's outputs replace the earlier ones
+        folder.mkdir(parents=True)
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="svi-outputs-"))
+        tracker.remove_when_sent(folder)
+    save_mlflow_model(post, folder / "posterior")
+    tracker.log_artifact(str(folder / "posterior"), "posterior")
+    post.summary().to_csv(folder / "summary.csv", float_format="%.6g")  # Monte Carlo error is far above 17 digits
+    tracker.log_artifact(str(folder / "summary.csv"))
+    (folder / "config.json").write_text(json.dumps(dataclasses.asdict(opts), indent=1, default=str))
+    tracker.log_artifact(str(folder / "config.json"))
+    if post.info.history:
+        elbo_plot(post.info.history, folder / "elbo.png")
+        tracker.log_artifact(str(folder / "elbo.png"))
+    if opts.register_model:  # a logged model of the run, so the registry shows its signature
+        tracker.register_model(opts.register_model, folder / "posterior")
+
+
+def elbo_plot(history, path: Path) -> None:
+    """The ELBO per window as a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, values = zip(*history)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, values)
+    ax.set_xlabel("step")
+    ax.set_ylabel("ELBO (window mean)")
+    ax.set_title("svi fit")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def fit_status_tags(info: FitRecord) -> dict[str, str]:
