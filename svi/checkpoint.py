@@ -308,8 +308,12 @@ def upgrade_payload(payload: Any, path: str | os.PathLike = "") -> Any:
         raise CheckpointError(f"checkpoint {path} has payload format {version}; this svi reads formats 1 to "
                               f"{PAYLOAD_FORMAT}: resume it with the svi that wrote it, or upgrade svi")
     if version == 1:
-        payload = {**payload, "format": PAYLOAD_FORMAT,
-                   "ranks": [{**r, "state": _state_from_format_1(r["state"])} for r in payload["ranks"]]}
+        try:
+            ranks = [{**r, "state": _state_from_format_1(r["state"])} for r in payload["ranks"]]
+        except (KeyError, TypeError, ValueError) as e:  # a file that says format 1 but lacks its parts
+            raise CheckpointError(f"checkpoint {path} says payload format 1 but its training state is incomplete "
+                                  f"({type(e).__name__}: {e}); resume from another checkpoint or start anew") from None
+        payload = {**payload, "format": PAYLOAD_FORMAT, "ranks": ranks}
     return payload
 
 

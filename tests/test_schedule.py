@@ -181,3 +181,10 @@ def test_a_users_callback_sees_every_step_each_window_and_the_end():
     assert [s for s, _ in rec.steps] == list(range(1, steps + 1))
     assert rec.windows == [tuple(h) for h in post.info.history]
     assert rec.finished == [(steps, post.info.converged)] and post.info.converged
+
+
+def test_a_format_1_checkpoint_missing_its_parts_is_refused_by_name():
+    from svi.checkpoint import CheckpointError, upgrade_payload
+
+    with pytest.raises(CheckpointError, match="format 1 but its training state is incomplete"):
+        upgrade_payload({"format": 1, "ranks": [{"rank": 0, "state": {"step": 3}}]}, "ckpt-000000003.pt")
