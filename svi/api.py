@@ -192,8 +192,8 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
             eval_batch=_to(source.sample(opts.eval_rows, opts.seed + 11), device),
             warm_batch=source.sample(opts.warm_start_rows, opts.seed + 13) if opts.warm_start != "none" else None,
             heldout_batch=_heldout_rows(model, opts, columns, dtype, device) if world.rank == 0 else None,
-            rank=world.rank, world_size=world.world_size, world=world, started=began or time.perf_counter(),
-            reanchor=lambda z, leave=False: anchor_statistics(
+            batch_rows=batch, rank=world.rank, world_size=world.world_size, world=world,
+            started=began or time.perf_counter(), reanchor=lambda z, leave=False: anchor_statistics(
                 model, space, z, _full_pass(source, opts, world, leave),
                 reduce_sum=lambda t: dist.all_sum(t, world)),
         )

@@ -139,7 +139,17 @@ class FitOptions:
             (``svi.diagnostics.psis_on_rows``), at most 5e7 / (parameters) rows (2,000 at least) so
             its cost stays bounded for large models; 0 turns it off. A k-hat above 0.7 is warned about
             and tagged in MLflow.
-        compile: compile the step with ``torch.compile`` (single process).
+        compile: run the step as one ``torch.compile`` graph (single process, an optimiser with a
+            functional form: adam, sgd, stan). ``auto`` (the default): from step ``compile_after``
+            on, where the platform can compile (a C++ compiler for the CPU backend, or CUDA with
+            Triton); ``true``: from the first step; ``false``: never. A batch of another size than
+            the fit's (the ragged last batch of a pass) runs the uncompiled step rather than
+            compiling a graph it would use once a pass; a compilation that fails logs one warning
+            and the fit goes on uncompiled.
+        compile_after: the step from which ``compile: auto`` compiles. Compiling costs seconds (about
+            3 s with torch's on-disk graph cache, 15-20 s without, on 2 CPU cores) and saves about
+            1 ms a step of the default estimator, so it pays only for long fits; the switch is at a
+            fixed step, so a resumed fit takes the same steps as an uninterrupted one.
         threads: torch's intra-op threads during the fit. ``None``: torch's current setting
             (``OMP_NUM_THREADS``, else all cores), less one while Parquet is streamed through
             local reading threads, which need a core of their own (when every core runs torch's
@@ -218,7 +228,8 @@ class FitOptions:
     heldout_draws: int = option(32, "data", safe=True)
     log_every: int = option(100, safe=True)
     khat_rows: int = option(50_000, safe=True)
-    compile: bool = option(False, safe=True)
+    compile: Union[bool, str] = option("auto", safe=True)
+    compile_after: int = option(5000, safe=True)
     threads: Optional[int] = option(None, safe=True)
     progress: Union[bool, str] = option("auto", safe=True)
     checkpoint_dir: Optional[str] = option(None, "checkpoint", key="dir", safe=True)
@@ -331,9 +342,13 @@ def _check(o: FitOptions) -> None:
         bad("lr_decay", o.lr_decay, "a number in (0, 1]")
     if isinstance(o.max_decays, bool) or not isinstance(o.max_decays, int) or o.max_decays < 0:
         bad("max_decays", o.max_decays, "a non-negative integer")
-    for key in ("antithetic", "control_variate", "averaging", "compile", "force_resume", "tracking", "system_metrics"):
+    for key in ("antithetic", "control_variate", "averaging", "force_resume", "tracking", "system_metrics"):
         if getattr(o, key) not in (True, False):
             bad(key, getattr(o, key), "true or false")
+    if o.compile not in (True, False, "auto"):
+        bad("compile", o.compile, "true, false or 'auto'")
+    if isinstance(o.compile_after, bool) or not isinstance(o.compile_after, int) or o.compile_after < 0:
+        bad("compile_after", o.compile_after, "a non-negative integer (a step)")
     if o.stl not in (True, False, "auto"):
         bad("stl", o.stl, "true, false or 'auto'")
     if o.warm_start not in ("laplace", "none"):

@@ -25,7 +25,7 @@ from svi import distributed as dist
 from svi import progress
 from svi.callbacks import Callback, ConsoleReport, HeldoutScore, TrackerMetrics
 from svi.centering import choose_centering, describe as describe_centering
-from svi.compiled import CompiledStep
+from svi.compiled import CompiledStep, compile_problem
 from svi.convergence import IterateAverager
 from svi.elbo import DataAnchor, ElboEstimate, Objective, batch_size, elbo, log_predictive_density
 from svi.families import Family, make_family
@@ -64,6 +64,7 @@ class FitContext:
     # one pass over the data for the data control variate's statistics at z (svi.elbo.anchor_statistics);
     # reanchor(z, leave=True) keeps the pass's progress bar on screen when it is done
     reanchor: Callable[..., DataAnchor] | None = None
+    batch_rows: int | None = None  # rows of a full batch (a pass's last batch may have fewer)
     rank: int = 0
     world_size: int = 1
     world: Any = None  # svi.distributed.World; collectives run through it
@@ -84,7 +85,7 @@ class TrainState:
     generator: torch.Generator  # the draws' noise
     objective: Objective  # the ELBO estimator, with its STL switch, control-variate weights and anchor
     schedule: Schedule  # windows, stopping rule, iterate averages, non-finite guard, ELBO history
-    compiled: CompiledStep | None = None  # the compiled single-process step, when options.compile
+    compiled: CompiledStep | None = None  # the compiled single-process step (options.compile), from its start step
     step: int = 0
     last_good: dict | None = None  # family and optimizer at the last window without a non-finite step
     warm_start: str = ""
@@ -246,18 +247,32 @@ def init_state(ctx: FitContext, family: Family, warm_note: str = "", eta: float 
     objective = Objective(ctx.model, ctx.space, ctx.num_rows, o.num_particles, o.antithetic, o.control_variate,
                           stl=o.stl is True, anchor=anchor)
     schedule = make_schedule(o, family, ctx.all_mean, lambda: evaluate_elbo(ctx, family, o.elbo_samples, generator))
-    compiled = None
-    if o.compile:
-        if trainable is not None or functional_kind(optimizer) is None:
-            warnings.warn("svi: compile=true needs one process and an optimiser with a functional form (adam, sgd, "
-                          "stan without extras); running the uncompiled step", RuntimeWarning, stacklevel=2)
-        else:
-            compiled = CompiledStep(objective, family, optimizer, compile=True)
+    compiled = _compiled_step(ctx, objective, family, optimizer, distributed=trainable is not None)
     return TrainState(
         family=family, trainable=trainable if trainable is not None else family, optimizer=optimizer,
         lr_scheduler=make_scheduler(optimizer, o.lr_schedule), generator=generator, objective=objective,
         schedule=schedule, compiled=compiled, warm_start=warm_note, eta=eta,
     )
+
+
+def _compiled_step(ctx: FitContext, objective: Objective, family: Family, optimizer: torch.optim.Optimizer,
+                   distributed: bool) -> CompiledStep | None:
+    """The compiled step ``options.compile`` asks for, or ``None`` (the module step throughout).
+    ``auto`` compiles only where it can and says why not at debug level; ``true`` warns."""
+    o = ctx.options
+    if o.compile is False:
+        return None
+    problem = ("it needs one process" if distributed else
+               "it needs an optimiser with a functional form (adam, sgd, stan without extras)"
+               if functional_kind(optimizer) is None else compile_problem(ctx.device.type))
+    if problem:
+        if o.compile is True:
+            warnings.warn(f"svi: compile=true but {problem}; running the uncompiled step", RuntimeWarning, stacklevel=3)
+        else:
+            log.debug("svi: the step is not compiled: %s", problem)
+        return None
+    return CompiledStep(objective, family, optimizer, compile=True, start=0 if o.compile is True else o.compile_after,
+                        rows=ctx.batch_rows)
 
 
 def _noise_seed(seed: int, rank: int) -> int:
@@ -320,10 +335,16 @@ def step(ctx: FitContext, state: TrainState, batch: Mapping[str, torch.Tensor]) 
     """One stochastic-gradient step on the negative ELBO; a non-finite step changes nothing.
     Applied steps are added to the iterate average."""
     averager = state.averager
-    if state.compiled is not None:
+    result = None
+    if state.compiled is not None and state.compiled.takes(state.step, batch_size(batch)):
+        noise_state = state.generator.get_state()
         eps = state.family.draw_noise(ctx.options.num_particles, state.generator)
         sums = averager.sums_for_compiled_step() if averager is not None else []
-        est, grad_norm, ok = state.compiled(batch, eps, sums)
+        result = state.compiled(batch, eps, sums)
+        if result is None:  # it failed to compile and changed nothing: the module step draws the same noise
+            state.generator.set_state(noise_state)
+    if result is not None:
+        est, grad_norm, ok = result
         if ok and averager is not None:
             averager.count_added()
     else:

@@ -2,13 +2,20 @@
 computes with loss.backward() and optimizer.step()."""
 
 import copy
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
+import svi
 from svi.data.memory import InMemoryData
-from svi.compiled import CompiledStep
+from svi.compiled import CompiledStep, compile_problem
 from svi.elbo import anchor_statistics
 from svi.models import LogisticRegression
 from svi.options import FitOptions
@@ -111,3 +118,70 @@ def test_compiled_step_with_group_effects_matches_the_module_step():
     assert np.allclose(va, vb, rtol=1e-5)
     for p, q in zip(a.family.parameters(), b.family.parameters()):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-5)
+
+
+# --- compile: auto (the default) -------------------------------------------------------------
+def _logistic_rows():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 3)) + 1.0
+    y = (rng.random(3000) < 1 / (1 + np.exp(-(x @ [1.0, -1.0, 0.5] - 0.5)))).astype(float)
+    return {"x": x, "y": y}
+
+
+def _fit(data, max_steps, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "reached max_steps" is expected here
+        # 3000 rows in batches of 256: every pass ends with a ragged batch of 184 rows
+        return svi.fit(LogisticRegression(3), data, family="meanfield", batch_size=256, max_steps=max_steps,
+                       tol_param=1e-6, **kw)
+
+
+def test_auto_compiles_from_compile_after_and_a_resume_takes_the_same_steps(tmp_path, caplog):
+    """``compile: auto`` runs the module step up to ``compile_after`` and the compiled one from there
+    (the ragged batches excepted); the switch is at a step, not a time, so a fit resumed before it
+    takes exactly the steps of the uninterrupted fit."""
+    data, auto = _logistic_rows(), dict(compile="auto", compile_after=300)
+    with caplog.at_level(logging.INFO, logger="svi"):
+        straight = _fit(data, 650, checkpoint_dir=str(tmp_path / "a"), checkpoint_every=100, **auto)
+    assert caplog.text.count("compiling the step") == 1, caplog.text  # one graph: the ragged batches run eagerly
+    eager = _fit(data, 650, compile=False)
+    before = [h for h in eager.info.history if h[0] <= 300]
+    assert len(before) >= 2 and straight.info.history[:len(before)] == before  # the module step until then
+    assert not all(torch.equal(p, q) for p, q in zip(straight.family.parameters(), eager.family.parameters()))
+
+    _fit(data, 250, checkpoint_dir=str(tmp_path / "b"), checkpoint_every=100, **auto)
+    resumed = _fit(data, 650, checkpoint_dir=str(tmp_path / "b"), checkpoint_every=100, resume=True,
+                   force_resume=True, **auto)
+    assert resumed.info.steps == straight.info.steps == 650
+    for p, q in zip(straight.family.parameters(), resumed.family.parameters()):
+        assert torch.equal(p, q)
+    assert straight.info.history == resumed.info.history
+
+
+def test_a_compiler_that_fails_leaves_the_fit_as_if_it_had_not_compiled(tmp_path):
+    """A C++ compiler that fails (here ``CXX=/bin/false``, with an empty graph cache so inductor must
+    call it) costs one warning line: the fit goes on with the module step, on the same noise."""
+    script = textwrap.dedent("""
+        import warnings, numpy as np, torch, svi
+        from svi.models import LogisticRegression
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(2000, 3))
+        data = {"x": x, "y": (rng.random(2000) < 1 / (1 + np.exp(-x @ [1.0, -1.0, 0.5]))).astype(float)}
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fits = [svi.fit(LogisticRegression(3), data, family="meanfield", batch_size=256, max_steps=300,
+                        tol_param=1e-6, compile=c) for c in (True, False)]
+        same = all(torch.equal(p, q) for p, q in zip(fits[0].family.parameters(), fits[1].family.parameters()))
+        print("SAME", same, fits[0].info.steps)
+    """)
+    env = {**os.environ, "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "SAME True 300" in run.stdout, run.stdout + run.stderr[-3000:]
+    assert run.stderr.count("torch.compile failed") == 1, run.stderr[-3000:]
+
+
+def test_compile_problem_names_what_is_missing(monkeypatch):
+    assert compile_problem.__wrapped__("cpu") is None  # this machine has g++ (CI installs it)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CXX", raising=False)
+    assert "no C++ compiler" in compile_problem.__wrapped__("cpu")
