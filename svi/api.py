@@ -26,14 +26,14 @@ from svi.checkpoint import (JOB_FILE, Checkpointer, atomic_write_text, check_com
 from svi.data.columns import DataError
 from svi.data.parquet import ParquetSource
 from svi.data.source import open_source, raise_if_unknown, standardize
-from svi.elbo import anchor_statistics
+from svi.elbo import anchor_statistics, batch_size
 from svi.families import resolve_family
 from svi.fitrecord import FitRecord
 from svi.model import Model, ModelError, check_model_outputs
 from svi.options import SAFE_TO_CHANGE, FitOptions
 from svi.posterior import Posterior, load_posterior
 from svi.tracking import Tracker, fit_status_tags, log_fit_outputs, log_fit_start, tracker_for_fit
-from svi.trainer import (FitContext, TrainState, build_family, default_callbacks, group_effect_advice, init_state, load_state_dict,
+from svi.trainer import (FitContext, TrainState, build_family, correct_warm_start, default_callbacks, group_effect_advice, init_state, load_state_dict,
                          search_stan_eta, state_dict, train)
 from svi.transforms import ParamSpace
 
@@ -270,6 +270,8 @@ def _fresh_start(ctx: FitContext, source, batch: int):
     if warm and opts.control_variate and batch * world.world_size < ctx.num_rows:
         started = time.perf_counter()
         anchor = ctx.reanchor(family.frame_loc, leave=True)  # a phase of its own: its bar stays
+        if ctx.warm_batch is not None and batch_size(ctx.warm_batch) < ctx.num_rows:  # a mode of a sample
+            anchor = correct_warm_start(ctx, family, anchor)
         if not progress.shown(opts.progress, world.rank):
             log.info("full-data pass for the control variate: %s rows in %.1f s", f"{ctx.num_rows:,}",
                      time.perf_counter() - started)

@@ -86,6 +86,25 @@ class Family(nn.Module):
         self._store_expansion(None, precision, gradient)
         self.reset_parameters()
 
+    def shift_frame(self, delta_u: torch.Tensor) -> None:
+        """Move the frame's centre to a + C delta_u (frame coordinates), keeping C and the quadratic
+        control variate's curvature, with its expansion at the new centre and a zero gradient there
+        (where a Newton step with that curvature puts it). q moves with the frame, its shape kept."""
+        dtype, device = self.frame_loc.dtype, self.frame_loc.device
+        self.frame_loc.copy_(self._to_z(delta_u.to(dtype=dtype, device=device)))
+        self.frame_gradient = torch.zeros(0, dtype=dtype, device=device)
+        self.frame_expansion = torch.zeros(0, dtype=dtype, device=device)
+
+    def newton_step(self, gradient: torch.Tensor) -> torch.Tensor | None:
+        """H_u^-1 C^T g: the Newton step in frame coordinates for the log density's gradient ``g``
+        (K,) in z-space under the quadratic control variate's curvature H_u, or ``None`` without one."""
+        h = self.frame_precision.to(torch.float64)
+        if h.numel() == 0:
+            return None
+        c, g = self.frame_scale.to(torch.float64), gradient.to(torch.float64).to(h.device)
+        g_u = c * g if c.dim() == 1 else c.T @ g
+        return g_u / h if h.dim() == 1 else torch.linalg.solve(h, g_u)
+
     def set_expansion(self, z: torch.Tensor, precision: torch.Tensor, gradient: torch.Tensor | None = None) -> bool:
         """Move the quadratic control variate's Taylor expansion to the point ``z`` (K,) of z-space,
         with the negative log density's Hessian ``precision`` there and the log density's

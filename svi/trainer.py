@@ -513,6 +513,61 @@ def _move_anchor(ctx: FitContext, state: TrainState) -> None:
                  time.perf_counter() - started)
 
 
+#: at most this many Newton steps from the warm start (each costs a pass over the data), fewer once
+#: a step moves less than NEWTON_SMALL_STEP frame sds (rms)
+NEWTON_STEPS, NEWTON_SMALL_STEP = 3, 0.1
+
+
+def correct_warm_start(ctx: FitContext, family: Family, anchor: DataAnchor) -> DataAnchor:
+    """Newton steps from the warm start on the full data's gradient, which the data control
+    variate's pass has just summed: the warm start found its mode on a sample of n rows, which
+    lies about sqrt(N / n - 1) posterior sds from the full data's (2 sds for 200,000 of 1,000,000
+    rows), and a mean-field q, whose diagonal frame leaves the posterior's correlations in its
+    coordinates, then spent 7,400 steps crossing that distance where fullrank, whose frame
+    whitens them, spent 1,800 (logistic, 1,000,000 rows, 20 correlated predictors; 800 each
+    after these steps). A step uses the warm start's curvature (the quadratic control variate's); it is kept only if a
+    pass at the new point finds the full data's log density higher there, and the last pass is
+    the data control variate's anchor from then on. Models with group effects keep their warm start: it
+    chose its point by the ELBO, away from the joint mode, which a Newton step heads for. The
+    sample's curvature is not the full data's (1/20 of 40,000 rows: 5.9 sds off before, 0.3 after
+    one step), so steps repeat while they move q by more than a tenth of a frame sd."""
+    if ctx.space.auto_centering or ctx.reanchor is None:
+        return anchor
+    z0 = anchor.z.to(torch.float64)
+
+    def prior_part(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = z.detach().clone().requires_grad_(True)
+        theta, log_det = ctx.space.constrain(z.unsqueeze(0))
+        value = (ctx.model.log_prior(theta) + log_det).sum()
+        if not value.requires_grad:  # flat priors, identity transforms
+            return value.detach(), torch.zeros_like(z)
+        (g,) = torch.autograd.grad(value, z)
+        return value.detach(), g
+
+    value = anchor.value + prior_part(z0)[0]
+    started, moved = time.perf_counter(), []
+    for _ in range(NEWTON_STEPS):
+        # the pass's sums are over every rank's rows: every rank takes the same step
+        step_u = family.newton_step(anchor.grad.to(torch.float64) + prior_part(anchor.z.to(torch.float64))[1])
+        if step_u is None or not bool(torch.isfinite(step_u).all()):
+            break
+        trial = copy.deepcopy(family)
+        trial.shift_frame(step_u)
+        candidate = ctx.reanchor(trial.frame_loc.detach())
+        candidate_value = candidate.value + prior_part(trial.frame_loc.detach().to(torch.float64))[0]
+        if not bool(candidate_value > value):  # NaN too: the point before is kept
+            break
+        family.shift_frame(step_u)
+        anchor, value = candidate, candidate_value
+        moved.append(float(step_u.pow(2).mean().sqrt()))
+        if moved[-1] < NEWTON_SMALL_STEP:  # a Gaussian's mode: another step would not move it
+            break
+    if moved and ctx.rank == 0:
+        log.info("warm start moved to the full data's mode by %d Newton step(s) of %s frame sds (rms) in %.1f s",
+                 len(moved), ", ".join(f"{d:.3g}" for d in moved), time.perf_counter() - started)
+    return anchor
+
+
 #: q's mean this far from the quadratic control variate's expansion (in q's sds, worst coordinate) re-expands it
 EXPANSION_DISTANCE = 2.0
 

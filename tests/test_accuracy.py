@@ -219,3 +219,50 @@ def test_do_nothing_fails_the_logistic_tolerances(family, logistic):
     assert mean_err.max() > 3 * MEAN_TOL, mean_err
     mean_err, sd_err = logistic_fit(family, logistic, fit=fit_doing_nothing, warm_start="none")
     assert mean_err.max() > 3 * MEAN_TOL and sd_err.max() > 3 * SD_TOL, (mean_err, sd_err)
+
+
+@pytest.mark.parametrize("family", ["meanfield", "fullrank"])
+def test_a_warm_start_on_a_sample_is_moved_to_the_full_data_mode_by_newton_steps(family):
+    """The warm start finds its mode on a sample of n rows, about sqrt(N / n - 1) posterior sds
+    from the full data's. The full-data pass of the data control variate gives the gradient there;
+    Newton steps with the warm start's curvature (the sample's) land on the exact posterior mean of
+    a Gaussian linear model, and the pass at the last point is the control variate's anchor."""
+    import torch
+
+    from svi.data.memory import InMemoryData
+    from svi.elbo import anchor_statistics
+    from svi.options import FitOptions
+    from svi.trainer import FitContext, build_family, correct_warm_start
+    from svi.transforms import ParamSpace
+
+    rng = np.random.default_rng(3)
+    n_rows, noise = 40_000, 1.0
+    x = rng.normal(size=(n_rows, 3)) * [1.0, 2.0, 0.5] + rng.normal(size=(n_rows, 1)) + [3.0, -2.0, 5.0]
+    y = x @ [0.5, -0.3, 0.8] + 1.0 + noise * rng.normal(size=n_rows)
+    mean, cov, _ = gaussian_case(x, y, noise)
+    sd = np.sqrt(np.diag(cov))
+    model = LinearRegression(3, prior_scale=None, intercept_scale=None, noise=noise)
+    space = ParamSpace(model.params)
+    data = InMemoryData({"x": x, "y": y}, keys=model.batch_keys, dtype=torch.float64)
+    ctx = FitContext(model=model, space=space, options=FitOptions(family=family, dtype="float64"), num_rows=n_rows,
+                     dtype=torch.float64, device=torch.device("cpu"), eval_batch=data.sample(1000, 0),
+                     warm_batch=data.sample(2000, 1),  # a 1/20 sample: its mode about 4.4 sds off
+                     reanchor=lambda z, leave=False: anchor_statistics(model, space, z, data.chunks()))
+    fam, _, warm = build_family(ctx)
+    assert warm
+
+    def worst_error(f):
+        theta, _ = space.constrain(f.frame_loc.detach().unsqueeze(0))
+        fitted = np.r_[theta["w"][0].numpy(), theta["b"].reshape(-1).numpy()]
+        return float((np.abs(fitted - mean) / sd).max())
+
+    before = worst_error(fam)
+    anchor = correct_warm_start(ctx, fam, ctx.reanchor(fam.frame_loc))
+    after = worst_error(fam)
+    assert before > 1.0, before  # the sample's mode is far from the full data's
+    assert after < 0.05, (before, after)
+    assert torch.equal(anchor.z, fam.frame_loc)  # the second pass is the new anchor
+    z = fam.frame_loc.detach().clone().requires_grad_(True)
+    theta, _ = space.constrain(z.unsqueeze(0))
+    (grad,) = torch.autograd.grad(model.log_likelihood(theta, data.sample(n_rows, 0)).sum(), z)
+    assert torch.allclose(anchor.grad, grad, rtol=1e-6, atol=1e-6)
