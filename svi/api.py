@@ -270,7 +270,7 @@ def _fresh_start(ctx: FitContext, source, batch: int):
     if warm and opts.control_variate and batch * world.world_size < ctx.num_rows:
         started = time.perf_counter()
         anchor = ctx.reanchor(family.frame_loc, leave=True)  # a phase of its own: its bar stays
-        if ctx.warm_batch is not None and batch_size(ctx.warm_batch) < ctx.num_rows:  # a mode of a sample
+        if opts.newton_start and batch_size(ctx.warm_batch) < ctx.num_rows:  # the warm start saw a sample
             anchor = correct_warm_start(ctx, family, anchor)
         if not progress.shown(opts.progress, world.rank):
             log.info("full-data pass for the control variate: %s rows in %.1f s", f"{ctx.num_rows:,}",

@@ -110,6 +110,9 @@ class FitOptions:
         warm_start: ``laplace`` (L-BFGS path + Laplace, see svi.warmstart) or ``none``.
         warm_start_rows: rows used by the warm start (a uniform sample when N is larger).
         warm_start_draws: Monte Carlo draws to score each warm-start candidate.
+        newton_start: when the warm start saw a sample of the rows and the data control variate
+            passes over all of them, move the warm start by Newton steps on the full data's gradient
+            (each kept only where the full log density rises; models without group effects).
         init_scale: initial sd of q in z-space when there is no warm start (Stan uses 1).
         init: initial mean in z-space when a Param has no init: a number (Stan's init=0 is 0).
         dtype: ``float32`` or ``float64`` for the optimisation (the warm start is always float64).
@@ -207,6 +210,7 @@ class FitOptions:
     warm_start: str = option("laplace")
     warm_start_rows: int = option(200_000)
     warm_start_draws: int = option(64)
+    newton_start: bool = option(True)
     init_scale: float = option(0.1)
     init: float = option(0.0)
     dtype: str = option("float32")
@@ -342,7 +346,7 @@ def _check(o: FitOptions) -> None:
         bad("lr_decay", o.lr_decay, "a number in (0, 1]")
     if isinstance(o.max_decays, bool) or not isinstance(o.max_decays, int) or o.max_decays < 0:
         bad("max_decays", o.max_decays, "a non-negative integer")
-    for key in ("antithetic", "control_variate", "averaging", "force_resume", "tracking", "system_metrics"):
+    for key in ("antithetic", "control_variate", "averaging", "newton_start", "force_resume", "tracking", "system_metrics"):
         if getattr(o, key) not in (True, False):
             bad(key, getattr(o, key), "true or false")
     if o.compile not in (True, False, "auto"):
