@@ -103,8 +103,11 @@ def load_data(spec, folder: Path) -> dict[str, np.ndarray]:
     return {"x": x, "y": t.column("y").to_numpy().astype(np.float64), "g": t.column("g").to_numpy().astype(np.int64)}
 
 
-def model(B, x, y, g, n_groups, slopes, linear, likelihood=True):
-    """The references' model; ``likelihood=False`` stops before the rows (for posterior draws)."""
+def model(B, x, y, g, n_groups, slopes, linear, likelihood=True, subsample_size=None):
+    """The references' model; ``likelihood=False`` stops before the rows (for posterior draws).
+
+    ``subsample_size``: rows per step through the rows plate's subsampling (the plate scales the
+    batch's log likelihood by N / subsample_size); ``None`` is every row, as the fits here use."""
     D = x.shape[1]
     w = B.sample("w", B.dist.Normal(0.0, 1.0).expand([D]).to_event(1))
     mu = B.sample("mu", B.dist.Normal(0.0, 10.0))
@@ -119,8 +122,10 @@ def model(B, x, y, g, n_groups, slopes, linear, likelihood=True):
         sigma = B.sample("sigma", B.dist.HalfNormal(1.0))
     if not likelihood:
         return
-    eta = intercept[g] + ((x * slope[g]).sum(-1) if slopes else x @ w)
-    with B.plate("rows", y.shape[0]):
+    with B.plate("rows", y.shape[0], subsample_size=subsample_size) as idx:
+        if subsample_size is not None:  # without subsampling idx is every row: no copy of the arrays
+            x, y, g = x[idx], y[idx], g[idx]
+        eta = intercept[g] + ((x * slope[g]).sum(-1) if slopes else x @ w)
         B.sample("y", B.dist.Normal(eta, sigma) if linear else B.dist.Bernoulli(logits=eta), obs=y)
 
 
