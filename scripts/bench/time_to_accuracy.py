@@ -44,27 +44,40 @@ Engines, each fit in its own fresh subprocess, one at a time:
   ``ClippedAdam`` with ``lrd`` and no clipping, so the decay is the only change from Adam; NumPyro:
   ``Adam`` with a step-size schedule), where the budget's steps are the documented run's measured
   rate times the budget. Eight full-budget runs per library would not fit the total time, so the
-  grid is searched by successive halving: every configuration runs for ``--screen`` seconds (the
-  documented run's first ``--screen`` seconds stand for its own constant rate), the best (first
-  to the criterion, else the smallest miss) runs for the whole budget. Pyro runs the same
+  grid is searched by successive halving: every configuration runs for ``--screen`` seconds of
+  stepping after the set-up the documented run measured (the documented run's own first seconds
+  stand for its screen), and the best (first to the criterion, else the smallest miss) runs for
+  the whole budget (a constant step size that met the criterion in its screen is not rerun: its
+  screen is its run). A run whose parameters go non-finite is reported as diverged. Pyro runs the same
   algorithm as NumPyro at about 10x the cost a step, so its "tuned" run uses NumPyro's choice
   (``--pyro-grid`` searches Pyro's own). Every peer run stops at ``--budget`` seconds of stepping
   (checks excluded) or when the criterion first holds, checked exactly every ``--check-every``
   steps from the guide's parameters (their Gaussian moments; tau and sigma through exp, a
   lognormal's moments), the check's time excluded; a run that never meets it reports "not in
-  <budget> s" and its best worst-mean-error / sd ratio seen.
+  <budget> s" and its best worst-mean-error / sd ratio seen. NumPyro's plate subsampling on CPU
+  draws its indices by a sequential Fisher-Yates scan over ``arange(N)``: at 1,000,000 rows that,
+  not the model, is most of its ~5 ms step here; it is what the documented ``subsample_size`` does.
+
+Torch children (svi, Pyro) flush denormal floats, as XLA does on CPU: Pyro's default
+initialisation puts these uncentred rows' logits near -90, where exp underflows into denormals and
+its step was 5x slower (measured here), an x86 detail rather than the algorithm under test.
 
 Times start at the fit call (svi) or at the guide's construction with the arrays in memory (the
 peers; their conversion to tensors counted); svi's include reading the Parquet files.
 
     python scripts/bench/time_to_accuracy.py [--problems logistic,poisson,multilevel]
-        [--engines svi,numpyro,pyro] [--families fullrank,meanfield] [--budget 30] [--screen 6]
-        [--out data/bench/time_to_accuracy.json] [--quick]
+        [--engines svi,numpyro,pyro] [--families fullrank,meanfield] [--budget 30] [--screen 3]
+        [--no-tune] [--pyro-grid] [--out data/bench/time_to_accuracy.json] [--quick]
 
-``--quick`` is a smoke run: 20,000-row regressions, a 5 s budget, lr in {0.01, 0.1}. The full run
-takes about 20-25 minutes on 2 cores (each (problem, family) about 3.5 minutes: svi, NumPyro's
-1 + 7 + 1 runs, Pyro's 2, mostly budget-bound); it prints its total. Needs the ``bench`` extra
-(pyro-ppl, numpyro) and pyarrow.
+``--quick`` is a smoke run: 20,000-row regressions (the multilevel set is what it is), a 5 s
+budget, lr in {0.01, 0.1}: about 10 minutes. ``--no-tune``: the peers' documented runs only.
+The full run should take about 25-28 minutes on 2 quiet cores (each (problem, family) about
+4.5 minutes: svi, NumPyro's 1 + 7 + 1 runs, Pyro's 2, mostly budget-bound; a NumPyro process costs
+its budget plus about 5 s of imports, and each screen also the documented run's 7-8 s of
+initialisation and compilation; ``--budget 25`` keeps it under 25 minutes); it prints its total. The data and references
+are made on the first run (about 15 s). Needs the ``bench`` extra (pyro-ppl, numpyro) and pyarrow.
+Timings are only comparable on a machine with nothing else running: another process on the
+second core made svi's warm start several times slower in the runs this script was developed with.
 """
 
 from __future__ import annotations
