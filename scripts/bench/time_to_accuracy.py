@@ -83,7 +83,6 @@ second core made svi's warm start several times slower in the runs this script w
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -101,16 +100,8 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _load(name: str, file: str):
-    """A script under scripts/bench as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, HERE / file)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up here
-    spec.loader.exec_module(mod)
-    return mod
-
-
-hb = _load("hierarchical_baselines", "hierarchical_baselines.py")
+sys.path.insert(0, str(HERE))  # scripts/ is not a package: the sibling script imports as a module
+import hierarchical_baselines as hb  # noqa: E402  (it loads accuracy.py and hierarchical_accuracy.py)
 acc, hacc = hb.acc, hb.hacc  # accuracy.py (peer backends, scoring) and hierarchical_accuracy.py
 refs = hacc._refs_module()  # hierarchical_refs.py (data regeneration, Parquet writing)
 
