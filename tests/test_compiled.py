@@ -136,6 +136,27 @@ def _fit(data, max_steps, **kw):
                        tol_param=1e-6, **kw)
 
 
+def test_a_streamed_fit_runs_the_compiled_step_on_its_full_batches(tmp_path, caplog):
+    """Parquet streamed by one process comes in full batches (and a last one with the rest), so
+    the compiled step runs on them: with nearly equal batches of 250 rows (3000 rows in 12) no batch
+    had the fit's 256 rows, and a streamed fit never ran compiled."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = _logistic_rows()
+    table = pa.table({"x0": data["x"][:, 0], "x1": data["x"][:, 1], "x2": data["x"][:, 2], "y": data["y"]})
+    pq.write_table(table, tmp_path / "rows.parquet", row_group_size=500)
+    files = dict(data=str(tmp_path / "rows.parquet"), columns={"x": ["x0", "x1", "x2"], "y": "y"}, in_memory_rows=0,
+                 cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.INFO, logger="svi"):
+        streamed = _fit(files.pop("data"), 250, compile="auto", compile_after=100, **files)
+    assert caplog.text.count("compiling the step") == 1, caplog.text
+    eager = _fit(str(tmp_path / "rows.parquet"), 250, compile=False, **files)
+    before = [h for h in eager.info.history if h[0] <= 100]
+    assert before and streamed.info.history[:len(before)] == before  # the module step up to step 100
+    assert not torch.equal(streamed.family.mean, eager.family.mean)  # and the compiled one from there
+
+
 def test_auto_compiles_from_compile_after_and_a_resume_takes_the_same_steps(tmp_path, caplog):
     """``compile: auto`` runs the module step up to ``compile_after`` and the compiled one from there
     (the ragged batches excepted); the switch is at a step, not a time, so a fit resumed before it

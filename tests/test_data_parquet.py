@@ -54,7 +54,8 @@ def test_every_row_once_per_epoch_across_ranks(ragged, world_size):
         ids, steps = [], set()
         for rank in range(world_size):
             stream = src.stream(batch_size=4, seed=11, rank=rank, world_size=world_size)
-            stream.load_state_dict({"epoch": epoch, "batch": 0, "world_size": world_size})
+            stream.load_state_dict({"epoch": epoch, "batch": 0, "world_size": world_size,
+                                    "full_batches": world_size == 1})
             n = stream.steps_per_epoch
             steps.add(n)
             for _ in range(n):
@@ -66,6 +67,21 @@ def test_every_row_once_per_epoch_across_ranks(ragged, world_size):
         assert sorted(ids) == list(range(total))
         seen_epochs.append(ids)
     assert seen_epochs[0] != seen_epochs[1]  # a new shuffle each epoch
+    src.close()
+
+
+def test_one_process_cuts_full_batches_and_the_rest_last(ragged):
+    """One process streams batches of batch_size rows and a last one with the rest (the shape the
+    compiled step is built for: with nearly equal batches of 41 rows into 4 steps no batch had
+    it); a stream resumed from a checkpoint that predates this keeps its nearly equal batches."""
+    folder, total = ragged  # 42 rows
+    src = _source(folder)
+    stream = src.stream(batch_size=11, seed=3)
+    sizes = [len(next(stream)["id"]) for _ in range(2 * stream.steps_per_epoch)]
+    assert sizes == [11, 11, 11, 9] * 2
+    old = src.stream(batch_size=11, seed=3)
+    old.load_state_dict({"epoch": 0, "batch": 1, "seed": 3, "rank": 0, "world_size": 1})  # no "full_batches"
+    assert [len(next(old)["id"]) for _ in range(3)] == [11, 10, 10]  # 42 rows in 4: 11, 11, 10, 10
     src.close()
 
 

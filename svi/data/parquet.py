@@ -4,7 +4,10 @@ The unit of reading is one row group of one file. Each epoch the units are shuff
 (seeded by run seed and epoch) and dealt to the W ranks so that their row counts are as
 equal as possible; every rank then cuts its rows into the same number of batches, so
 all ranks take the same number of steps (no DDP hang at an epoch's end), every row is
-used exactly once per epoch, and each batch's N/|B| scaling stays exact. A shuffle
+used exactly once per epoch, and each batch's N/|B| scaling stays exact. One process
+cuts full batches and a last one with the rest (as the in-memory stream does), so every
+batch but one has the shape the compiled step is built for; several ranks cut nearly
+equal batches. A shuffle
 buffer mixes the rows of ``shuffle_units`` consecutive units, so a minibatch is not one
 row group. Reads are Dask tasks: on local threads by default, on a ``distributed``
 cluster when a scheduler address is given; ``prefetch`` units are read ahead while
@@ -114,7 +117,12 @@ def plan_epoch(units: Sequence[Unit], seed: int, epoch: int, world_size: int, ba
     return shares, steps
 
 
-def _batch_sizes(rows: int, steps: int) -> list[int]:
+def _batch_sizes(rows: int, steps: int, batch_size: int | None = None) -> list[int]:
+    """``rows`` cut into ``steps`` batches: of ``batch_size`` rows and a last one with the rest
+    (``rows`` must then need exactly ``steps`` of them), else nearly equal."""
+    if batch_size is not None:
+        assert steps == math.ceil(rows / batch_size), (rows, steps, batch_size)
+        return [batch_size] * (steps - 1) + [rows - batch_size * (steps - 1)]
     base, extra = divmod(rows, steps)
     return [base + (1 if j < extra else 0) for j in range(steps)]
 
@@ -540,13 +548,17 @@ class ParquetStream:
         self.prefetch = max(1, int(prefetch))
         self.epoch = 0
         self.batch = 0  # batches already yielded in this epoch
+        # full batches where one process reads (the compiled step's one shape); a stream resumed
+        # from a checkpoint that predates them keeps the nearly equal batches it was cut into
+        self.full_batches = self.world_size == 1
         self._reset()
 
     # --- the epoch plan ------------------------------------------------------------------------
     def _reset(self) -> None:
         shares, self.steps = plan_epoch(self.source.units, self.seed, self.epoch, self.world_size, self.batch_size)
         self.my_units = [self.source.units[i] for i in shares[self.rank]]
-        self.sizes = _batch_sizes(sum(u.rows for u in self.my_units), self.steps)
+        self.sizes = _batch_sizes(sum(u.rows for u in self.my_units), self.steps,
+                                  self.batch_size if self.full_batches else None)
         self.windows = [self.my_units[i : i + self.shuffle_units] for i in range(0, len(self.my_units),
                                                                                  self.shuffle_units)]
         start = sum(self.sizes[: self.batch])
@@ -627,11 +639,12 @@ class ParquetStream:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "full_batches": self.full_batches}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if int(state.get("world_size", self.world_size)) != self.world_size:
             raise DataError(f"the data cursor was saved with {state['world_size']} ranks; this run has "
                             f"{self.world_size}: resume with the same number of processes")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.full_batches = bool(state.get("full_batches", False))
         self._reset()
