@@ -30,7 +30,7 @@ from svi.elbo import anchor_statistics, batch_size
 from svi.families import resolve_family
 from svi.fitrecord import FitRecord
 from svi.model import Model, ModelError, check_model_outputs
-from svi.options import SAFE_TO_CHANGE, FitOptions
+from svi.options import FREE_TO_CHANGE, SAFE_TO_CHANGE, FitOptions
 from svi.posterior import Posterior, load_posterior
 from svi.tracking import Tracker, fit_status_tags, log_fit_outputs, log_fit_start, tracker_for_fit
 from svi.trainer import (FitContext, TrainState, build_family, correct_warm_start, default_callbacks, group_effect_advice, init_state, load_state_dict,
@@ -183,7 +183,7 @@ def _fit(model, space, source, opts: FitOptions, dtype, device, tracker, world, 
         resume = find_resume(opts.checkpoint_dir, opts.resume, clean=world.rank == 0)
         if resume is not None:
             check_compatible(resume, opts.as_dict(), FitOptions().as_dict(), SAFE_TO_CHANGE, fingerprints,
-                             world.world_size)
+                             world.world_size, FREE_TO_CHANGE)
         done = _finished_posterior(model, opts, resume) if resume is not None else None
         # only now the samples: a refused or finished resume reads no rows (a resumed fit still
         # reads the warm-start rows: a re-expansion of the control variate forms its Hessian there)

@@ -450,7 +450,7 @@ HOW_TO_RESUME = frozenset({"resume", "force_resume", "checkpoint_dir", "missing_
 
 
 def check_compatible(found: tuple, options: dict, defaults: dict, safe_to_change: frozenset,
-                     fingerprints: dict, world_size: int) -> None:
+                     fingerprints: dict, world_size: int, free_to_change: frozenset = frozenset()) -> None:
     """Refuse a checkpoint from another model, data set, world size or option set.
 
     Args:
@@ -459,6 +459,8 @@ def check_compatible(found: tuple, options: dict, defaults: dict, safe_to_change
             predates.
         safe_to_change: options that may differ with ``force_resume`` (they change how long the
             fit runs or what it reports, not its trajectory).
+        free_to_change: options that may differ without it (they change only its speed, or a
+            fresh start): not compared.
 
     Raises:
         CheckpointError: listing every difference and what to do.
@@ -472,7 +474,8 @@ def check_compatible(found: tuple, options: dict, defaults: dict, safe_to_change
         problems.append(f"world size {saved['world_size']} vs {world_size}: resume with the same number of processes")
     old = {**{k: v for k, v in defaults.items() if k not in saved["options"]}, **saved["options"]}
     new = options
-    differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in HOW_TO_RESUME)
+    differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                       and k not in HOW_TO_RESUME and k not in free_to_change)
     unsafe = [k for k in differing if k not in safe_to_change]
     if unsafe:
         problems.append("options differ: " + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in unsafe)

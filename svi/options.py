@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 
 from svi.families import AUTO, FAMILIES
 
-__all__ = ["FitOptions", "OptionsError", "STAN_ADVI", "SAFE_TO_CHANGE", "SECTIONS", "Spec", "option", "specs", "suggest"]
+__all__ = ["FitOptions", "OptionsError", "STAN_ADVI", "SAFE_TO_CHANGE", "FREE_TO_CHANGE", "SECTIONS", "Spec", "option", "specs", "suggest"]
 
 
 class OptionsError(ValueError):
@@ -44,13 +44,15 @@ _SAME = object()  # no job default: a job config starts from the Python default
 
 
 def option(default: Any, section: str = "fit", *, key: Optional[str] = None, job_default: Any = _SAME,
-           safe: bool = False):
+           safe: bool = False, free: bool = False):
     """A FitOptions field: its default (given once), where a job config sets it (``section.key``;
     ``key`` defaults to the field's name), a job default where a job must start elsewhere, and
-    whether a resume may change it (``safe``, see :data:`SAFE_TO_CHANGE`)."""
+    whether a resume may change it: with ``force_resume`` (``safe``, see :data:`SAFE_TO_CHANGE`)
+    or freely (``free``, see :data:`FREE_TO_CHANGE`)."""
     if section not in SECTIONS:
         raise ValueError(f"section {section!r} is not one of {SECTIONS}")
-    metadata = {"section": section, "key": key, "job_default": job_default, "safe_to_change": safe}
+    metadata = {"section": section, "key": key, "job_default": job_default, "safe_to_change": safe or free,
+                "free_to_change": free}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -210,7 +212,7 @@ class FitOptions:
     warm_start: str = option("laplace")
     warm_start_rows: int = option(200_000)
     warm_start_draws: int = option(64)
-    newton_start: bool = option(True)
+    newton_start: bool = option(True, free=True)
     init_scale: float = option(0.1)
     init: float = option(0.0)
     dtype: str = option("float32")
@@ -223,7 +225,7 @@ class FitOptions:
     in_memory_rows: int = option(1_000_000, "data")
     standardize: list = option(list(), "data")
     shuffle_units: int = option(4, "data")
-    prefetch: int = option(4, "data", safe=True)
+    prefetch: int = option(4, "data", free=True)
     nonfinite_patience: int = option(20)
     max_nonfinite_restores: int = option(5)
     heldout: Optional[str] = option(None, "data", safe=True)
@@ -232,10 +234,10 @@ class FitOptions:
     heldout_draws: int = option(32, "data", safe=True)
     log_every: int = option(100, safe=True)
     khat_rows: int = option(50_000, safe=True)
-    compile: Union[bool, str] = option("auto", safe=True)
-    compile_after: int = option(5000, safe=True)
-    threads: Optional[int] = option(None, safe=True)
-    progress: Union[bool, str] = option("auto", safe=True)
+    compile: Union[bool, str] = option("auto", free=True)
+    compile_after: int = option(5000, free=True)
+    threads: Optional[int] = option(None, free=True)
+    progress: Union[bool, str] = option("auto", free=True)
     checkpoint_dir: Optional[str] = option(None, "checkpoint", key="dir", safe=True)
     checkpoint_every: int = option(1000, "checkpoint", key="every", safe=True)
     keep_checkpoints: int = option(3, "checkpoint", key="keep", safe=True)
@@ -296,6 +298,11 @@ def specs() -> list[Spec]:
 #: options that may differ between a checkpoint and the run resuming it (with force_resume): they
 #: change how long the fit runs or what it reports, not the trajectory it follows (``safe=True``).
 SAFE_TO_CHANGE = frozenset(f.name for f in dataclasses.fields(FitOptions) if f.metadata["safe_to_change"])
+#: options a resume may change without ``force_resume`` (``free=True``): they change how fast the
+#: fit runs (compilation, threads, read-ahead: its numbers at most by rounding) or what it shows,
+#: or act on a fresh start only (``newton_start``). A checkpoint written under an older default
+#: (``compile: false`` before ``auto``) resumes under the new one without being asked.
+FREE_TO_CHANGE = frozenset(f.name for f in dataclasses.fields(FitOptions) if f.metadata["free_to_change"])
 
 STAN_ADVI = dict(warm_start="none", optimizer="stan", lr="auto", convergence="stan", stl=False, averaging=False,
                  antithetic=False, control_variate=False, init_scale=1.0)

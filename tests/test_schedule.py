@@ -145,12 +145,13 @@ FORMAT_1_OPTIONS = dict(family="meanfield", batch_size=128, max_steps=400, tol_p
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # max_steps is reached by design
 def test_a_format_1_checkpoint_resumes_to_the_uninterrupted_fit(tmp_path):
     """A fit checkpointed by the svi before the component layout resumes, and ends where that
-    svi's uninterrupted fit ended (and where today's does)."""
+    svi's uninterrupted fit ended (and where today's does). It recorded ``compile: false``, the
+    default then; today's ``auto`` differs only in speed, so it resumes without ``force_resume``."""
     folder = tmp_path / "ck"
     folder.mkdir()
     shutil.copy(DATA / "ckpt-000000300.pt", folder)
     resumed = svi.fit(LogisticRegression(3), _logistic(), checkpoint_dir=str(folder), resume=True,
-                      compile=False, **FORMAT_1_OPTIONS)  # the default when it was written
+                      **FORMAT_1_OPTIONS)
     expected = json.loads((DATA / "uninterrupted.json").read_text())
     assert resumed.info.steps == 400
     assert np.allclose(resumed.family.mean.numpy(), expected["mean"], rtol=0, atol=1e-6)
