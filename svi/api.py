@@ -26,15 +26,15 @@ from svi.checkpoint import (JOB_FILE, Checkpointer, atomic_write_text, check_com
 from svi.data.columns import DataError
 from svi.data.parquet import ParquetSource
 from svi.data.source import open_source, raise_if_unknown, standardize
-from svi.elbo import anchor_statistics, batch_size
+from svi.elbo import anchor_statistics
 from svi.families import resolve_family
 from svi.fitrecord import FitRecord
 from svi.model import Model, ModelError, check_model_outputs
 from svi.options import FREE_TO_CHANGE, SAFE_TO_CHANGE, FitOptions
 from svi.posterior import Posterior, load_posterior
 from svi.tracking import Tracker, fit_status_tags, log_fit_outputs, log_fit_start, tracker_for_fit
-from svi.trainer import (FitContext, TrainState, build_family, correct_warm_start, default_callbacks, group_effect_advice, init_state, load_state_dict,
-                         search_stan_eta, state_dict, train)
+from svi.trainer import (FitContext, TrainState, build_family, correct_warm_start, default_callbacks, group_effect_advice,
+                         init_state, load_state_dict, newton_start_follows, search_stan_eta, state_dict, train)
 from svi.transforms import ParamSpace
 
 __all__ = ["fit", "resolve_device", "default_batch_size", "fingerprint_of"]
@@ -270,7 +270,7 @@ def _fresh_start(ctx: FitContext, source, batch: int):
     if warm and opts.control_variate and batch * world.world_size < ctx.num_rows:
         started = time.perf_counter()
         anchor = ctx.reanchor(family.frame_loc, leave=True)  # a phase of its own: its bar stays
-        if opts.newton_start and batch_size(ctx.warm_batch) < ctx.num_rows:  # the warm start saw a sample
+        if newton_start_follows(ctx):  # the warm start saw a sample
             anchor = correct_warm_start(ctx, family, anchor)
         if not progress.shown(opts.progress, world.rank):
             log.info("full-data pass for the control variate: %s rows in %.1f s", f"{ctx.num_rows:,}",
