@@ -317,6 +317,17 @@ def _check(o: FitOptions) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             bad(key, v, "a positive integer")
 
+    def non_negative_int(key, allowed="a non-negative integer"):
+        v = getattr(o, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            bad(key, v, allowed)
+
+    def one_of(key, choices, allowed):
+        # by identity for true/false: 1 == True, and a 1 or 0 would pass as a flag it does not mean
+        v = getattr(o, key)
+        if not any(v is c if isinstance(c, bool) else (not isinstance(v, bool) and v == c) for c in choices):
+            bad(key, v, allowed)
+
     def positive_float(key):
         v = getattr(o, key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
@@ -328,8 +339,7 @@ def _check(o: FitOptions) -> None:
                 "adapt_iter", "warm_start_rows", "warm_start_draws", "nonfinite_patience", "log_every",
                 "heldout_rows", "heldout_every", "heldout_draws"):
         positive_int(key)
-    if isinstance(o.khat_rows, bool) or not isinstance(o.khat_rows, int) or o.khat_rows < 0:
-        bad("khat_rows", o.khat_rows, "a non-negative integer (0 turns the end-of-fit k-hat off)")
+    non_negative_int("khat_rows", "a non-negative integer (0 turns the end-of-fit k-hat off)")
     if o.batch_size is not None:
         positive_int("batch_size")
     if o.heldout is not None and not isinstance(o.heldout, str):
@@ -338,8 +348,7 @@ def _check(o: FitOptions) -> None:
         positive_int("threads")
     for key in ("tol_param", "tol_rel_obj", "init_scale"):
         positive_float(key)
-    if isinstance(o.seed, bool) or not isinstance(o.seed, int) or o.seed < 0:
-        bad("seed", o.seed, "a non-negative integer")
+    non_negative_int("seed")
     if isinstance(o.lr, str):
         if o.lr != "auto":
             bad("lr", o.lr, "a positive number, or 'auto' with optimizer='stan'")
@@ -351,17 +360,12 @@ def _check(o: FitOptions) -> None:
         bad("convergence", o.convergence, "'posterior' or 'stan'")
     if not 0 < o.lr_decay <= 1:
         bad("lr_decay", o.lr_decay, "a number in (0, 1]")
-    if isinstance(o.max_decays, bool) or not isinstance(o.max_decays, int) or o.max_decays < 0:
-        bad("max_decays", o.max_decays, "a non-negative integer")
+    non_negative_int("max_decays")
     for key in ("antithetic", "control_variate", "averaging", "newton_start", "force_resume", "tracking", "system_metrics"):
-        if getattr(o, key) not in (True, False):
-            bad(key, getattr(o, key), "true or false")
-    if o.compile not in (True, False, "auto"):
-        bad("compile", o.compile, "true, false or 'auto'")
-    if isinstance(o.compile_after, bool) or not isinstance(o.compile_after, int) or o.compile_after < 0:
-        bad("compile_after", o.compile_after, "a non-negative integer (a step)")
-    if o.stl not in (True, False, "auto"):
-        bad("stl", o.stl, "true, false or 'auto'")
+        one_of(key, (True, False), "true or false")
+    for key in ("compile", "stl"):
+        one_of(key, (True, False, "auto"), "true, false or 'auto'")
+    non_negative_int("compile_after", "a non-negative integer (a step)")
     if o.warm_start not in ("laplace", "none"):
         bad("warm_start", o.warm_start, "'laplace' or 'none'")
     if o.dtype not in ("float32", "float64"):
@@ -370,10 +374,8 @@ def _check(o: FitOptions) -> None:
         bad("device", o.device, "'cpu', 'cuda', 'cuda:N' or 'auto'")
     if o.nan_policy not in ("error", "drop"):
         bad("nan_policy", o.nan_policy, "'error' or 'drop'")
-    if isinstance(o.max_nonfinite_restores, bool) or not isinstance(o.max_nonfinite_restores, int) or o.max_nonfinite_restores < 0:
-        bad("max_nonfinite_restores", o.max_nonfinite_restores, "a non-negative integer")
-    if isinstance(o.in_memory_rows, bool) or not isinstance(o.in_memory_rows, int) or o.in_memory_rows < 0:
-        bad("in_memory_rows", o.in_memory_rows, "a non-negative integer")
+    non_negative_int("max_nonfinite_restores")
+    non_negative_int("in_memory_rows")
     if o.row_filter is not None and not (isinstance(o.row_filter, (list, tuple)) and all(
             isinstance(f, (list, tuple)) and len(f) == 3 for f in o.row_filter)):
         bad("row_filter", o.row_filter, "a list of [column, op, value] triples")
@@ -381,8 +383,7 @@ def _check(o: FitOptions) -> None:
         bad("tracking_wait", o.tracking_wait, "a non-negative number of seconds")
     if o.missing_run not in ("new", "error"):
         bad("missing_run", o.missing_run, "'new' (continue in a new run) or 'error'")
-    if o.resume not in (True, False, "auto"):
-        bad("resume", o.resume, "true, false or 'auto'")
+    one_of("resume", (True, False, "auto"), "true, false or 'auto'")
     for key in ("checkpoint_every", "keep_checkpoints"):
         positive_int(key)
     if o.resume is not False and not o.checkpoint_dir:
@@ -392,7 +393,6 @@ def _check(o: FitOptions) -> None:
 
         if problem := location_problem(o.checkpoint_dir):
             bad("checkpoint_dir", o.checkpoint_dir, problem)
-    if o.progress not in (True, False, "auto"):
-        bad("progress", o.progress, "true, false or 'auto'")
+    one_of("progress", (True, False, "auto"), "true, false or 'auto'")
     if not isinstance(o.optimizer_options, dict):
         bad("optimizer_options", o.optimizer_options, "a mapping of keyword arguments")

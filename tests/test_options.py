@@ -57,6 +57,17 @@ def test_a_bad_value_is_named_as_the_user_wrote_it(tmp_path, path, value, allowe
     assert e.value.key == flat
 
 
+@pytest.mark.parametrize("key, value", [("compile", 1), ("antithetic", 0), ("progress", 1), ("stl", 0),
+                                        ("resume", 1), ("compile_after", -1), ("compile_after", True)])
+def test_a_number_is_not_taken_for_a_flag(key, value):
+    """1 == True in Python: a flag given as 1 or 0 (or a step count as true) is refused by name
+    rather than read as a setting it does not mean (compile=1 had run as 'auto')."""
+    with pytest.raises(OptionsError, match=rf"^option {key}={value!r} is not allowed") as e:
+        FitOptions(**{key: value}, checkpoint_dir="ck")
+    assert e.value.key == key
+    assert FitOptions(compile=True, stl="auto", antithetic=False, progress="auto", compile_after=0).compile is True
+
+
 def test_a_fit_option_set_in_the_fit_section_points_at_its_section(tmp_path):
     with pytest.raises(ConfigError, match=r"'fit.checkpoint_every' belongs in another section: checkpoint.every$"):
         load_config(config.Path("conf/quickstart.yaml"), ["fit.checkpoint_every=5"])
