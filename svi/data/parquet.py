@@ -646,5 +646,6 @@ class ParquetStream:
             raise DataError(f"the data cursor was saved with {state['world_size']} ranks; this run has "
                             f"{self.world_size}: resume with the same number of processes")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
-        self.full_batches = bool(state.get("full_batches", False))
+        # only one process cuts full batches; anything but a saved true (an older cursor) keeps them equal
+        self.full_batches = state.get("full_batches", False) is True and self.world_size == 1
         self._reset()
