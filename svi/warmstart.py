@@ -125,8 +125,8 @@ def laplace_warm_start(
 
     # Above hessian_max_dim the SGD phase, not L-BFGS, does the last stretch: the frame needs a
     # point near the mode, not the mode itself.
-    path, converged, done = _lbfgs_path(objective, start, min(max_iter, _LARGE_MAX_ITER) if large else max_iter,
-                                        on_iteration, settle)
+    limit = min(max_iter, _LARGE_MAX_ITER) if large else max_iter
+    path, converged, done = _lbfgs_path(objective, start, limit, on_iteration, settle)
 
     gen = torch.Generator().manual_seed(seed)
     eps = torch.randn(num_draws, K, generator=gen, dtype=torch.float64)
@@ -159,7 +159,7 @@ def laplace_warm_start(
             best = WarmStart(loc, scale, precision, gradient, value, idx, done, converged, note)
     if best is None:
         return None
-    state = "converged" if converged else "settled" if settle is not None and done < max_iter else "not converged"
+    state = "converged" if converged else "settled" if settle is not None and done < limit else "not converged"
     msg = f"L-BFGS {done} iterations ({state}); chose iteration {best.iteration}"
     msg += f" with ELBO {best.elbo:.6g}" + (f"; {best.note}" if best.note else "") + (f"; skipped: {'; '.join(notes)}" if notes else "")
     return WarmStart(best.loc, best.scale, best.precision, best.gradient, best.elbo, best.iteration, done, converged,
