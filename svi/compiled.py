@@ -72,6 +72,7 @@ class CompiledStep:
         self.names = [n for n, _ in loss.named_parameters()]  # "family.loc", ...: keys of functional_call
         self.params = [p for _, p in loss.named_parameters()]
         self.groups = self._groups()
+        self._cv_weights: tuple | None = None  # (weights, as a tensor): rebuilt only when they change
         self._lr = [torch.tensor(float(g["lr"]), dtype=torch.float64) for g in self.groups]
         self.update = FUNCTIONAL_UPDATES[self.kind]
         self.compiled = compile
@@ -83,8 +84,10 @@ class CompiledStep:
 
     def _groups(self) -> list[dict]:
         """Each parameter's group, looked up anew: loading the optimiser's state (a resume, a restore)
-        replaces its group dicts, and a step that read the old ones would miss a decayed step size."""
-        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        replaces its list of group dicts, and a step that read the old ones would miss a decayed
+        step size."""
+        self._param_groups = self.optimizer.param_groups
+        group_of = {id(p): g for g in self._param_groups for p in g["params"]}
         return [group_of[id(p)] for p in self.params]
 
     def reset(self) -> None:
@@ -148,8 +151,10 @@ class CompiledStep:
         having changed nothing, when the graph failed to compile."""
         o = self.objective
         stl, antithetic, control_variate, anchor = o.stl, o.antithetic, o.control_variate, o.anchor
-        cv_weights = torch.tensor(o.cv_weights, dtype=eps.dtype)
-        if not all(any(g is h for h in self.optimizer.param_groups) for g in self.groups):
+        if self._cv_weights is None or self._cv_weights[0] != o.cv_weights:  # re-estimated once a window
+            self._cv_weights = (o.cv_weights, torch.tensor(o.cv_weights, dtype=eps.dtype))
+        cv_weights = self._cv_weights[1]
+        if self.optimizer.param_groups is not self._param_groups:
             self.groups = self._groups()
         lrs = tuple(g["lr"] for g in self.groups)
         if self._state_cache is None or self._state_cache[0] != lrs or self._state_cache[1] is not self.optimizer.state:
