@@ -12,6 +12,15 @@ idea (Zhang, Carpenter, Gelman, Vehtari, "Pathfinder: parallel quasi-Newton
 variational inference", JMLR 2022): it stays sensible when the mode is degenerate
 (hierarchical funnels) or not reached.
 
+L-BFGS runs in the coordinates u = L^T (z - z_0) that the Hessian at the start, L L^T, whitens
+(up to ``PRECONDITION_MAX_DIM`` parameters, where that Hessian is positive definite): a fixed
+linear preconditioner, under which quasi-Newton methods converge as on the whitened problem
+(Nocedal and Wright, "Numerical Optimization", 2nd ed., 2006, sections 5.1 and 7.2). Uncentred,
+correlated predictors make the log density's Hessian ill-conditioned by orders of magnitude, and
+the design matrix's part of that ill-conditioning is the same at every point: on a Poisson
+regression with 20 such predictors and 200,000 rows, L-BFGS took 81 iterations (1.7 s) to
+settle from the start and 10 (0.5 s, the Hessian included) in the whitened coordinates.
+
 The chosen Gaussian anchors the family's frame (:meth:`svi.families.Family.set_frame`),
 so SGD runs in coordinates where the posterior is close to N(0, I); that removes
 the ill-conditioning that stalls plain ADVI on correlated or very tight posteriors.
@@ -126,7 +135,8 @@ def laplace_warm_start(
     # Above hessian_max_dim the SGD phase, not L-BFGS, does the last stretch: the frame needs a
     # point near the mode, not the mode itself.
     limit = min(max_iter, _LARGE_MAX_ITER) if large else max_iter
-    path, converged, done = _lbfgs_path(objective, start, limit, on_iteration, settle)
+    whitening = None if large else _whitening(model, space, batch, num_rows, start, seed)
+    path, converged, done = _lbfgs_path(objective, start, limit, on_iteration, settle, whitening)
 
     gen = torch.Generator().manual_seed(seed)
     eps = torch.randn(num_draws, K, generator=gen, dtype=torch.float64)
@@ -218,6 +228,10 @@ _LARGE_MAX_ITER = 200
 _PROBES = 32
 #: iterations over which ``settle`` measures L-BFGS's progress
 SETTLE_ITERATIONS = 5
+#: up to this many parameters L-BFGS runs preconditioned by the start's Hessian, formed on at most
+#: PRECONDITION_ROWS rows (a Hessian costs about K gradients: 0.4 s for 57 parameters on 200,000 rows)
+PRECONDITION_MAX_DIM = 500
+PRECONDITION_ROWS = 20_000
 
 
 def warm_start_rows(num_params: int, rows: int, hessian_max_dim: int = 2000) -> int:
@@ -254,26 +268,53 @@ def _hessian_diagonal(objective, z: torch.Tensor, seed: int) -> torch.Tensor:
     return total / _PROBES
 
 
+def _whitening(model: Model, space: ParamSpace, batch: Mapping[str, torch.Tensor], num_rows: int, z0: torch.Tensor,
+               seed: int = 0) -> torch.Tensor | None:
+    """The lower Cholesky factor L of the negative log density's Hessian at z0 (L L^T = H), formed
+    on at most PRECONDITION_ROWS of the rows (their likelihood scaled by N/n: a preconditioner
+    needs the curvature's shape, not its last digit, and a Hessian costs about K gradients), or
+    ``None`` above PRECONDITION_MAX_DIM parameters or where that Hessian is not finite and positive
+    definite (a funnel's neck, a mixture's saddle): there L-BFGS runs in z itself."""
+    if space.size > PRECONDITION_MAX_DIM:
+        return None
+    objective, _, _ = _objective(model, space, _subsample(batch, PRECONDITION_ROWS, seed + 7), num_rows)
+    hess = _hessian(objective, z0.detach().to(torch.float64))
+    if not bool(torch.isfinite(hess).all()):
+        return None
+    factor, info = torch.linalg.cholesky_ex(hess)
+    return factor if int(info) == 0 else None
+
+
 def _lbfgs_path(objective, start: torch.Tensor, max_iter: int, on_iteration: Callable[[float], None] | None = None,
-                settle: float | None = None) -> tuple[list[torch.Tensor], bool, int]:
-    """L-BFGS-B on ``objective`` from ``start``: (its path, start first; converged; iterations).
+                settle: float | None = None, whitening: torch.Tensor | None = None
+                ) -> tuple[list[torch.Tensor], bool, int]:
+    """L-BFGS-B on ``objective`` from ``start``: (its path in z, start first; converged; iterations).
     ``on_iteration`` gets minus the objective (the log density) after each iteration; with
     ``settle`` the search stops once the objective fell by less than that over the last
-    SETTLE_ITERATIONS iterations."""
+    SETTLE_ITERATIONS iterations. With a ``whitening`` factor L (:func:`_whitening`) the search
+    runs in the coordinates u = L^T (z - start)."""
+    z0 = start.detach().to(torch.float64)
+    factor = whitening
+
+    def to_z(u: torch.Tensor) -> torch.Tensor:
+        if factor is None:
+            return u
+        return z0 + torch.linalg.solve_triangular(factor.T, u.unsqueeze(-1), upper=True).squeeze(-1)
 
     def value_and_grad(x: np.ndarray):
-        z = torch.from_numpy(x).requires_grad_(True)
-        loss = objective(z)
+        u = torch.from_numpy(x).requires_grad_(True)
+        loss = objective(to_z(u))
         if not bool(torch.isfinite(loss)):
             return math.inf, np.zeros_like(x)  # outside the support: the line search backs off
-        (grad,) = torch.autograd.grad(loss, z)
+        (grad,) = torch.autograd.grad(loss, u)
         return float(loss.detach()), grad.numpy()
 
-    path = [start.detach().to(torch.float64).numpy().copy()]
+    u0 = np.zeros(z0.numel()) if factor is not None else z0.numpy().copy()
+    path = [z0.clone()]
     values: list[float] = []
 
     def record(intermediate_result):  # SciPy passes an OptimizeResult to a parameter of this name
-        path.append(np.array(intermediate_result.x))
+        path.append(to_z(torch.from_numpy(np.array(intermediate_result.x))))
         values.append(float(intermediate_result.fun))
         if on_iteration is not None:
             on_iteration(-values[-1])
@@ -282,12 +323,14 @@ def _lbfgs_path(objective, start: torch.Tensor, max_iter: int, on_iteration: Cal
 
     with torch.enable_grad():
         result = scipy.optimize.minimize(
-            value_and_grad, path[0], jac=True, method="L-BFGS-B", callback=record,
+            value_and_grad, u0, jac=True, method="L-BFGS-B", callback=record,
             options={"maxiter": max_iter, "maxcor": 20, "ftol": 1e-15, "gtol": 1e-10},
         )
-    if np.all(np.isfinite(result.x)) and not np.array_equal(path[-1], result.x):
-        path.append(np.array(result.x))
-    return [torch.from_numpy(p) for p in path], bool(result.success), int(result.nit)
+    if np.all(np.isfinite(result.x)):
+        last = to_z(torch.from_numpy(np.array(result.x)))
+        if not torch.equal(path[-1], last):
+            path.append(last)
+    return path, bool(result.success), int(result.nit)
 
 
 def find_mode(model: Model, space: ParamSpace, batch: Mapping[str, torch.Tensor], num_rows: int,
@@ -298,7 +341,8 @@ def find_mode(model: Model, space: ParamSpace, batch: Mapping[str, torch.Tensor]
     point (the centring of group effects) uses; it forms no Hessian. ``on_iteration`` is as in
     :func:`laplace_warm_start`."""
     objective, _, _ = _objective(model, space, batch, num_rows)
-    path, converged, _ = _lbfgs_path(objective, start, max_iter, on_iteration)
+    path, converged, _ = _lbfgs_path(objective, start, max_iter, on_iteration,
+                                     whitening=_whitening(model, space, batch, num_rows, start))
     return path[-1], converged
 
 

@@ -268,18 +268,14 @@ def test_a_warm_start_on_a_sample_is_moved_to_the_full_data_mode_by_newton_steps
     assert torch.allclose(anchor.grad, grad, rtol=1e-6, atol=1e-6)
 
 
-def test_a_warm_start_that_newton_steps_follow_stops_once_lbfgs_has_settled():
-    """With Newton steps to follow, the warm start's L-BFGS stops once five iterations gained less
-    than 0.01 nats: fewer iterations, at a point a small fraction of a posterior sd from the
-    sample's mode (correlated, uncentred predictors, where L-BFGS creeps at the end)."""
+def _ill_conditioned_logistic(n=20_000, d=6):
+    """A logistic regression on correlated, uncentred predictors, where plain L-BFGS creeps."""
     import torch
 
-    from svi.trainer import NEWTON_SETTLE
     from svi.transforms import ParamSpace
-    from svi.warmstart import _hessian, _objective, laplace_warm_start
+    from svi.warmstart import _objective
 
     rng = np.random.default_rng(5)
-    n, d = 20_000, 6
     z = rng.normal(size=(n, d))
     for j in range(1, d):  # AR(1) columns with unequal means and scales
         z[:, j] = 0.8 * z[:, j - 1] + 0.6 * z[:, j]
@@ -289,11 +285,48 @@ def test_a_warm_start_that_newton_steps_follow_stops_once_lbfgs_has_settled():
     model = LogisticRegression(d)
     space = ParamSpace(model.params)
     rows = {"x": torch.tensor(x), "y": torch.tensor(y)}
-    start = torch.zeros(space.size, dtype=torch.float64)
-    exact = laplace_warm_start(model, space, rows, 10 * n, start, frame="tril")
-    settled = laplace_warm_start(model, space, rows, 10 * n, start, frame="tril", settle=NEWTON_SETTLE)
-    assert exact.converged and "settled" in settled.note and settled.iterations < exact.iterations, (exact.note, settled.note)
     objective, _, _ = _objective(model, space, rows, 10 * n)
-    mode = laplace_warm_start(model, space, rows, 10 * n, exact.loc, frame="tril").loc  # polished further
-    whitened = torch.linalg.cholesky(_hessian(objective, mode)).T @ (settled.loc - mode)
-    assert 0 < float(whitened.abs().max()) < 0.05, whitened
+    return model, space, rows, objective, torch.zeros(space.size, dtype=torch.float64)
+
+
+def _whitened_distance(objective, z, mode):
+    """|z - mode| in the posterior sds of the Laplace approximation at the mode (worst coordinate)."""
+    import torch
+
+    from svi.warmstart import _hessian
+
+    return float((torch.linalg.cholesky(_hessian(objective, mode)).T @ (z - mode)).abs().max())
+
+
+def test_a_warm_start_that_newton_steps_follow_stops_once_lbfgs_has_settled():
+    """With Newton steps to follow, the warm start's L-BFGS stops once five iterations gained less
+    than 0.01 nats: fewer iterations, at a point a small fraction of a posterior sd from the
+    sample's mode (without the whitening, where L-BFGS creeps at the end on this problem)."""
+    from svi.trainer import NEWTON_SETTLE
+    from svi.warmstart import _lbfgs_path
+
+    _, _, _, objective, start = _ill_conditioned_logistic()
+    path, converged, done = _lbfgs_path(objective, start, 500)
+    settled, _, settled_done = _lbfgs_path(objective, start, 500, settle=NEWTON_SETTLE)
+    assert converged and settled_done < done, (done, settled_done)
+    mode, _, _ = _lbfgs_path(objective, path[-1], 500)  # polished further
+    assert 0 < _whitened_distance(objective, settled[-1], mode[-1]) < 0.05
+
+
+def test_lbfgs_whitened_by_the_start_hessian_reaches_the_mode_in_a_fraction_of_the_iterations():
+    """The warm start's L-BFGS runs in the coordinates the Hessian at its start whitens: on
+    correlated, uncentred predictors (20 of them) it reaches the same mode in a fifth of the
+    iterations (14 against 119 when written)."""
+    import torch
+
+    from svi.warmstart import _lbfgs_path, _whitening, laplace_warm_start
+
+    model, space, rows, objective, start = _ill_conditioned_logistic(d=20)
+    plain, plain_ok, plain_done = _lbfgs_path(objective, start, 500)
+    factor = _whitening(model, space, rows, 10 * 20_000, start)
+    whitened, ok, done = _lbfgs_path(objective, start, 500, whitening=factor)
+    assert plain_ok and ok and 5 * done < plain_done, (done, plain_done)
+    assert _whitened_distance(objective, whitened[-1], plain[-1]) < 1e-3
+    assert bool((whitened[0] == start).all())  # the path is in z, the start first
+    warm = laplace_warm_start(model, space, rows, 10 * 20_000, start, frame="tril")
+    assert warm.iterations == done and torch.equal(warm.loc, whitened[warm.iteration])  # a point of that path
