@@ -33,7 +33,7 @@ from svi.model import Model, ModelError, check_model_outputs
 from svi.options import FREE_TO_CHANGE, SAFE_TO_CHANGE, FitOptions
 from svi.posterior import Posterior, load_posterior
 from svi.tracking import Tracker, fit_status_tags, log_fit_outputs, log_fit_start, tracker_for_fit
-from svi.trainer import (FitContext, TrainState, build_family, correct_warm_start, default_callbacks, group_effect_advice,
+from svi.trainer import (FitContext, TrainState, build_family, correct_warm_start, default_callbacks, family_advice,
                          init_state, load_state_dict, newton_start_follows, search_stan_eta, state_dict, train)
 from svi.transforms import ParamSpace
 
@@ -394,6 +394,9 @@ def _end_of_fit_khat(post: Posterior, source, opts: FitOptions) -> dict[str, Any
     log.info("PSIS k-hat %.2f on %s rows in %.1f s", result.khat, f"{khat['khat_rows']:,}",
              time.perf_counter() - started)
     if result.khat > 0.7:
+        advice = family_advice(post.model, post.space, post.family)
         warnings.warn(f"svi: PSIS k-hat = {result.khat:.2f} > 0.7: q is far from the posterior, do not trust its "
-                      f"draws. Try family=fullrank{group_effect_advice(post.space)}", RuntimeWarning, stacklevel=3)
+                      "draws" + (f". Try {advice}" if advice else "; the posterior is not close to a Gaussian in "
+                                 "svi's coordinates: look for weakly identified parameters in the summary, or "
+                                 "give them more informative priors"), RuntimeWarning, stacklevel=3)
     return khat

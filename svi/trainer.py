@@ -28,7 +28,7 @@ from svi.centering import choose_centering, describe as describe_centering
 from svi.compiled import CompiledStep, compile_problem
 from svi.convergence import IterateAverager
 from svi.elbo import DataAnchor, ElboEstimate, Objective, batch_size, elbo, log_predictive_density
-from svi.families import Family, make_family
+from svi.families import Family, FullRank, make_family
 from svi.model import Model, ModelError
 from svi.optim import StanStepSize, functional_kind, make_optimizer, make_scheduler, search_eta
 from svi.options import FitOptions
@@ -405,7 +405,7 @@ def train(ctx: FitContext, state: TrainState, stream: Iterator, tracker: Tracker
         checkpoint(state, stream, stop_reason)
     if not action.converged:
         warnings.warn(f"svi: NOT converged: {reason}; the result may not be the optimum. "
-                      f"{_what_to_try(stop_reason, ctx.space)}", RuntimeWarning, stacklevel=2)
+                      f"{_what_to_try(stop_reason, ctx.model, ctx.space, state.family)}", RuntimeWarning, stacklevel=2)
         if state.averager is not None and state.averager.phase_count:
             state.averager.load_phase_average()
     for callback in callbacks:
@@ -474,19 +474,28 @@ def heldout_lpd(ctx: FitContext, family: Family) -> float:
     return log_predictive_density(ctx.model, ctx.space, family, ctx.heldout_batch, o.heldout_draws, generator)
 
 
-def _what_to_try(stop_reason: str, space: ParamSpace) -> str:
+def _what_to_try(stop_reason: str, model: Model, space: ParamSpace, family: Family) -> str:
     """The advice that goes with a fit that stopped without converging."""
     first = ("raise max_steps (a resume continues from here)" if stop_reason == "max_steps"
              else "raise max_decays, or a smaller lr")
-    return f"Try: {first}, or family=fullrank{group_effect_advice(space)}"
+    rest = family_advice(model, space, family)
+    return f"Try: {first}" + (f", or {rest}" if rest else "")
 
 
-def group_effect_advice(space: ParamSpace) -> str:
-    """A clause for models that could declare group effects and do not (nothing when they do)."""
-    if space.centering:
-        return ""
-    return ("; a multilevel model fits best with its group effects declared as such "
-            "(svi.Param(loc=..., scale=...)), so svi chooses their centring from the data")
+def family_advice(model: Model, space: ParamSpace, family: Family) -> str:
+    """What else to try when q fits badly, for the family and model at hand ("" when nothing is left
+    to suggest): the fullrank family unless q already is one, and for a model that reads group ids
+    (an integer batch key) without declaring group effects, to declare them. A fullrank fit of a
+    model with nothing to declare gets no advice of these two kinds."""
+    parts = []
+    if not isinstance(family, FullRank):
+        parts.append("family=fullrank")
+    if model.integer_keys and not space.centering:
+        parts.append("a multilevel model fits best with its group effects declared as such "
+                     "(svi.Param(loc=..., scale=...)), so svi chooses their centring from the data")
+    return "; ".join(parts)
+
+
 #: q's mean this far from the data control variate's anchor (root mean square, in q's sds) moves it
 REANCHOR_DISTANCE = 1.0
 

@@ -85,9 +85,11 @@ def test_a_high_khat_is_warned_about_and_tagged(tmp_path, monkeypatch):
     z = rng.normal(size=(3000, 1))
     x = np.hstack([z + 0.01 * rng.normal(size=(3000, 1)) for _ in range(4)])
     data = {"x": x, "y": x.sum(1) + rng.normal(size=3000)}
-    with pytest.warns(RuntimeWarning, match=r"PSIS k-hat = .* > 0.7.*family=fullrank"):
+    with pytest.warns(RuntimeWarning, match=r"PSIS k-hat = .* > 0.7.*family=fullrank") as caught:
         post = svi.fit(svi.models.LinearRegression(4, noise=1.0), data, family="meanfield", tracking=True)
     assert post.info.khat > 0.7
+    # a flat regression has no group effects to declare: the advice does not speak of them
+    assert not any("multilevel" in str(w.message) for w in caught if "k-hat" in str(w.message))
     assert _tags("sqlite:///mlflow.db", post.info.run_id)["svi.status"].endswith("k-hat high")
 
 
@@ -105,3 +107,29 @@ def test_a_logged_posterior_records_its_data_so_diagnose_by_run_uri_works(tmp_pa
 
     result = diagnose(uri, tracking_uri="sqlite:///mlflow.db", num_draws=500)
     assert result.posterior.info.data_path == str(tmp_path / "d.parquet") and result.khat < 0.7
+
+
+def test_the_advice_for_a_poor_fit_fits_the_family_and_the_model():
+    """fullrank is suggested unless q is fullrank; declaring group effects only to a model that reads
+    group ids (an integer key) and declares none; a fullrank flat model gets neither."""
+    import torch
+
+    from svi.families import make_family
+    from svi.trainer import family_advice
+    from svi.transforms import ParamSpace
+
+    class UndeclaredGroups(svi.models.LinearRegression):
+        batch_keys = ("x", "y", "g")
+        integer_keys = ("g",)
+
+    flat = svi.models.LinearRegression(2)
+    flat_space = ParamSpace(flat.params)
+    for name, expected in [("meanfield", "family=fullrank"), ("fullrank", "")]:
+        family = make_family(name, flat_space.size, dtype=torch.float64)
+        assert family_advice(flat, flat_space, family) == expected
+    grouped = UndeclaredGroups(2)
+    advice = family_advice(grouped, ParamSpace(grouped.params), make_family("fullrank", 4, dtype=torch.float64))
+    assert advice.startswith("a multilevel model fits best with its group effects declared")
+    declared = svi.models.HierarchicalLinearRegression(2, 3)
+    space = ParamSpace(declared.params)
+    assert family_advice(declared, space, make_family("meanfield", space.size, dtype=torch.float64)) == "family=fullrank"
