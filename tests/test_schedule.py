@@ -145,7 +145,7 @@ FORMAT_1_OPTIONS = dict(family="meanfield", batch_size=128, max_steps=400, tol_p
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # max_steps is reached by design
 def test_a_format_1_checkpoint_resumes_to_the_uninterrupted_fit(tmp_path):
     """A fit checkpointed by the svi before the component layout resumes, and ends where that
-    svi's uninterrupted fit ended (and where today's does). It recorded ``compile: false``, the
+    svi's uninterrupted fit ended (and where today's fresh fit ends, to 0.05 sd). It recorded ``compile: false``, the
     default then; today's ``auto`` differs only in speed, so it resumes without ``force_resume``."""
     folder = tmp_path / "ck"
     folder.mkdir()
@@ -158,8 +158,10 @@ def test_a_format_1_checkpoint_resumes_to_the_uninterrupted_fit(tmp_path):
     assert np.allclose(resumed.family.stddev.numpy(), expected["stddev"], rtol=0, atol=1e-6)
     _, saved = latest_checkpoint(folder)  # the checkpoints written after the resume are today's format
     assert saved["format"] == PAYLOAD_FORMAT and "schedule" in saved["ranks"][0]["state"]
+    # today's fresh fit starts from today's warm start (whitened L-BFGS: a point 1e-4 away), so it
+    # ends at the same optimum, not on the same trajectory
     fresh = svi.fit(LogisticRegression(3), _logistic(), **FORMAT_1_OPTIONS)
-    assert torch.allclose(fresh.family.mean, resumed.family.mean, rtol=0, atol=1e-6)
+    assert bool(((fresh.family.mean - resumed.family.mean).abs() < 0.05 * resumed.family.stddev).all())
 
 
 def test_a_users_callback_sees_every_step_each_window_and_the_end():
