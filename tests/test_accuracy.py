@@ -330,3 +330,22 @@ def test_lbfgs_whitened_by_the_start_hessian_reaches_the_mode_in_a_fraction_of_t
     assert bool((whitened[0] == start).all())  # the path is in z, the start first
     warm = laplace_warm_start(model, space, rows, 10 * 20_000, start, frame="tril")
     assert warm.iterations == done and torch.equal(warm.loc, whitened[warm.iteration])  # a point of that path
+
+
+def test_a_search_that_starts_at_its_mode_scores_only_the_mode(monkeypatch):
+    """A converged search whose path never leaves the mode's 0.01-nat neighbourhood (a centring
+    round's search starts at the last round's mode) forms one Laplace approximation, not one per
+    path point; from afar the path's earlier points are still scored."""
+    import svi.warmstart as W
+
+    model, space, rows, objective, start = _ill_conditioned_logistic()
+    far = W.laplace_warm_start(model, space, rows, 10 * 20_000, start, frame="tril")
+    hessians = []
+    real = W._hessian
+    monkeypatch.setattr(W, "_hessian", lambda f, z: hessians.append(z) or real(f, z))
+    again = W.laplace_warm_start(model, space, rows, 10 * 20_000, far.loc, frame="tril")
+    assert again.converged and len(hessians) == 2, again.note  # the whitening at the start, the mode's
+    assert _whitened_distance(objective, again.loc, far.loc) < 0.15
+    hessians.clear()
+    W.laplace_warm_start(model, space, rows, 10 * 20_000, start, frame="tril")
+    assert len(hessians) > 2  # the whitening and several distinct points of the path
