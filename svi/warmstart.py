@@ -310,12 +310,11 @@ def _lbfgs_path(objective, start: torch.Tensor, max_iter: int, on_iteration: Cal
     SETTLE_ITERATIONS iterations. With a ``whitening`` factor L (:func:`_whitening`) the search
     runs in the coordinates u = L^T (z - start)."""
     z0 = start.detach().to(torch.float64)
-    factor = whitening
 
     def to_z(u: torch.Tensor) -> torch.Tensor:
-        if factor is None:
+        if whitening is None:
             return u
-        return z0 + torch.linalg.solve_triangular(factor.T, u.unsqueeze(-1), upper=True).squeeze(-1)
+        return z0 + torch.linalg.solve_triangular(whitening.T, u.unsqueeze(-1), upper=True).squeeze(-1)
 
     def value_and_grad(x: np.ndarray):
         u = torch.from_numpy(x).requires_grad_(True)
@@ -325,7 +324,7 @@ def _lbfgs_path(objective, start: torch.Tensor, max_iter: int, on_iteration: Cal
         (grad,) = torch.autograd.grad(loss, u)
         return float(loss.detach()), grad.numpy()
 
-    u0 = np.zeros(z0.numel()) if factor is not None else z0.numpy().copy()
+    u0 = np.zeros(z0.numel()) if whitening is not None else z0.numpy().copy()
     path = [z0.clone()]
     values: list[float] = []
 
@@ -354,7 +353,8 @@ def find_mode(model: Model, space: ParamSpace, batch: Mapping[str, torch.Tensor]
               on_iteration: Callable[[float], None] | None = None) -> tuple[torch.Tensor, bool]:
     """L-BFGS towards the mode of the unconstrained log density, without the Gaussians:
     (the last point of the path, whether L-BFGS converged). What a search that only needs a
-    point (the centring of group effects) uses; it forms no Hessian. ``on_iteration`` is as in
+    point (the centring of group effects) uses; it forms no Hessian at the mode, only the
+    whitening's at the start, on a subsample (:func:`_whitening`). ``on_iteration`` is as in
     :func:`laplace_warm_start`."""
     objective, _, _ = _objective(model, space, batch, num_rows)
     path, converged, _ = _lbfgs_path(objective, start, max_iter, on_iteration,
