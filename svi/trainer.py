@@ -28,7 +28,7 @@ from svi.centering import choose_centering, describe as describe_centering
 from svi.compiled import CompiledStep, compile_problem
 from svi.convergence import IterateAverager
 from svi.elbo import DataAnchor, ElboEstimate, Objective, batch_size, elbo, log_predictive_density
-from svi.families import Family, FullRank, make_family
+from svi.families import Family, FullRank, LowRank, make_family
 from svi.model import Model, ModelError
 from svi.optim import StanStepSize, functional_kind, make_optimizer, make_scheduler, search_eta
 from svi.options import FitOptions
@@ -482,13 +482,21 @@ def _what_to_try(stop_reason: str, model: Model, space: ParamSpace, family: Fami
     return f"Try: {first}" + (f", or {rest}" if rest else "")
 
 
+#: above this many parameters a poor fit is pointed at the lowrank family rather than fullrank
+FULLRANK_ADVICE_MAX = 2000
+
+
 def family_advice(model: Model, space: ParamSpace, family: Family) -> str:
     """What else to try when q fits badly, for the family and model at hand ("" when nothing is left
-    to suggest): the fullrank family unless q already is one, and for a model that reads group ids
+    to suggest): the fullrank family unless q already is one (lowrank above FULLRANK_ADVICE_MAX
+    parameters), and for a model that reads group ids
     (an integer batch key) without declaring group effects, to declare them. A fullrank fit of a
     model with nothing to declare gets no advice of these two kinds."""
     parts = []
-    if not isinstance(family, FullRank):
+    if space.size > FULLRANK_ADVICE_MAX:  # a K x K factor: K^2 / 2 numbers and O(K^2) work a draw
+        if not isinstance(family, (FullRank, LowRank)):
+            parts.append(f"family=lowrank (fullrank's factor is too large for {space.size:,} parameters)")
+    elif not isinstance(family, FullRank):
         parts.append("family=fullrank")
     if model.integer_keys and not space.centering:
         parts.append("a multilevel model fits best with its group effects declared as such "

@@ -133,3 +133,7 @@ def test_the_advice_for_a_poor_fit_fits_the_family_and_the_model():
     declared = svi.models.HierarchicalLinearRegression(2, 3)
     space = ParamSpace(declared.params)
     assert family_advice(declared, space, make_family("meanfield", space.size, dtype=torch.float64)) == "family=fullrank"
+    wide = svi.models.LinearRegression(2500)  # fullrank's factor would hold 3 million numbers
+    wide_space = ParamSpace(wide.params)
+    assert family_advice(wide, wide_space, make_family("meanfield", wide_space.size, dtype=torch.float64)).startswith(
+        "family=lowrank")
