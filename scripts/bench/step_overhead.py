@@ -3,9 +3,12 @@ memory, B = 256 and 4096, side by side in one run against Pyro's SVI (AutoDiagon
 Trace_ELBO, a plate given explicit subsample indices) and NumPyro's SVI (jit-compiled update).
 
 Every (engine, B) pair runs in its own fresh subprocess, one after another, so no two share
-the CPU; each reports the median of 5 repeats of ``--steps`` steps after a warm-up.
+the CPU; each reports the median of 5 repeats of ``--steps`` steps after a warm-up. The whole
+list of engines runs ``--rounds`` times, interleaved, and the table gives each pair's median
+over the rounds: this machine's speed drifts by tens of percent over minutes, and a ratio of
+two numbers taken minutes apart would carry that drift.
 
-    python scripts/bench/step_overhead.py [--steps 2000] [--json out.json]
+    python scripts/bench/step_overhead.py [--steps 2000] [--rounds 3] [--json out.json]
 
 Needs the ``bench`` extra (pyro-ppl, numpyro). svi runs its engine step
 (``svi.trainer.step``) with the same estimator as the peers (S = 1, no antithetic pair, no
@@ -156,32 +159,39 @@ def child(engine, B, steps):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", nargs=2, metavar=("ENGINE", "B"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.steps)))
         return
-    results = {}
-    for B in (256, 4096):
-        for engine in ENGINES:
-            out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--child", engine, str(B)],
-                                 capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if out.returncode != 0:
-                print(out.stderr[-2000:], file=sys.stderr)
-                raise SystemExit(f"{engine} at B={B} failed")
-            results[(engine, B)] = float(out.stdout.strip().splitlines()[-1])
-            print(f"  {engine:22s} B={B:5d}: {results[(engine, B)]:8.1f} us/step", file=sys.stderr)
-    print(f"\nmean-field logistic regression, D={D}, S=1, in memory; torch threads {os.cpu_count()}")
+    runs: dict[tuple[str, int], list[float]] = {}
+    for r in range(args.rounds):
+        for B in (256, 4096):
+            for engine in ENGINES:
+                out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--child", engine, str(B)],
+                                     capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                if out.returncode != 0:
+                    print(out.stderr[-2000:], file=sys.stderr)
+                    raise SystemExit(f"{engine} at B={B} failed")
+                runs.setdefault((engine, B), []).append(float(out.stdout.strip().splitlines()[-1]))
+                print(f"  round {r + 1} {engine:22s} B={B:5d}: {runs[(engine, B)][-1]:8.1f} us/step", file=sys.stderr)
+    results = {key: statistics.median(v) for key, v in runs.items()}
+    print(f"\nmean-field logistic regression, D={D}, S=1, in memory; torch threads {os.cpu_count()}; "
+          f"median of {args.rounds} interleaved rounds")
     print("| engine | B = 256 (us/step) | vs svi compiled | B = 4096 (us/step) | vs svi compiled |")
     print("|---|---:|---:|---:|---:|")
     for engine in ENGINES:
         a, b = results[(engine, 256)], results[(engine, 4096)]
         ra, rb = a / results[("svi compiled", 256)], b / results[("svi compiled", 4096)]
         print(f"| {engine} | {a:.0f} | {ra:.2f}x | {b:.0f} | {rb:.2f}x |")
+    for B in (256, 4096):
+        print(f"svi defaults (compiled) / NumPyro at B = {B}: "
+              f"{results[('svi defaults (compiled)', B)] / results[('numpyro', B)]:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({f"{e}|{B}": v for (e, B), v in results.items()}, f, indent=1)
+            json.dump({f"{e}|{B}": v for (e, B), v in runs.items()}, f, indent=1)
 
 
 if __name__ == "__main__":
