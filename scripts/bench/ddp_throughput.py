@@ -2,9 +2,12 @@
 process, in memory) with 1 and 2 processes under torchrun (gloo), and the cost of the gradient
 all-reduce as a fraction of a step, side by side in one run.
 
-    python scripts/bench/ddp_throughput.py [--steps 400]
+    python scripts/bench/ddp_throughput.py [--steps 400] [--rounds 3]
 
-Each world size runs in its own torchrun launch, one after the other. The all-reduce cost is the
+Each world size runs in its own torchrun launch, one after the other, and the pair of launches
+runs ``--rounds`` times, interleaved; the table gives the median over the rounds (this machine's
+speed drifts by tens of percent over minutes, which a ratio of two single launches carries).
+The all-reduce cost is the
 time of one all-reduce of a gradient-sized buffer (what DDP sends each step) divided by the
 measured step time of the 2-process run.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -75,23 +79,31 @@ def worker(steps: int, out: str) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args.steps, args.worker)
         return
-    results = {}
-    for n in (1, 2):
-        out = Path(f"/tmp/svi-ddp-bench-{n}.json")
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
-                              __file__, "--steps", str(args.steps), "--worker", str(out)],
-                             env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"},
-                             capture_output=True, text=True)
-        if run.returncode != 0:
-            raise SystemExit(run.stderr[-3000:])
-        results[n] = json.loads(out.read_text())
+    runs: dict[int, list[dict]] = {1: [], 2: []}
+    for _ in range(args.rounds):
+        for n in (1, 2):
+            out = Path(f"/tmp/svi-ddp-bench-{n}.json")
+            run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                  str(n), __file__, "--steps", str(args.steps), "--worker", str(out)],
+                                 env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"},
+                                 capture_output=True, text=True)
+            if run.returncode != 0:
+                raise SystemExit(run.stderr[-3000:])
+            runs[n].append(json.loads(out.read_text()))
+            print(f"  {n} process(es): {1e3 * runs[n][-1]['step_s']:.2f} ms/step", file=sys.stderr)
+    results = {n: {key: statistics.median(r[key] for r in rs) for key in ("step_s", "allreduce_s")}
+               for n, rs in runs.items()}
+    for n, r in results.items():
+        r["rows_per_s"] = n * B / r["step_s"]
     one, two = results[1], results[2]
-    print(f"\nmean-field logistic, D={D}, B={B} per process, in memory, gloo on {os.cpu_count()} CPU cores")
+    print(f"\nmean-field logistic, D={D}, B={B} per process, in memory, gloo on {os.cpu_count()} CPU cores; "
+          f"median of {args.rounds} interleaved rounds")
     print("| processes | ms/step | rows/s | speed-up | all-reduce, share of a step |")
     print("|---:|---:|---:|---:|---:|")
     print(f"| 1 | {1e3 * one['step_s']:.2f} | {one['rows_per_s']:,.0f} | 1.00x | - |")
